@@ -61,3 +61,23 @@ def test_reward_model_from_smollm2_backbone(smollm2):
     rewards = rm.apply({"params": rm_params}, jnp.asarray(ids["input_ids"]),
                        attention_mask=jnp.asarray(ids["attention_mask"]))
     assert rewards.shape == (2,) and np.all(np.isfinite(np.asarray(rewards)))
+
+
+def test_gguf_tokenizer_matches_transformers_gguf_conversion(smollm2):
+    """Our torch-free tokenizer builder gives transformers' GGUF tokenizer's ids and decodes exactly."""
+    from transformers import AutoTokenizer
+
+    _, _, ours = smollm2
+    path = smollm2_gguf_path()
+    ref = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = ["Hello, world!", "  leading spaces\tand tabs\n\nnewlines", "Ünïcödé — émojis 🎉🚀 中文 日本語",
+             "<|im_start|>user\nHi<|im_end|>\n<|endoftext|>", "In 2024: 3.14159, $1,000.00 & 50% off!!",
+             "def f(x):\n    return x**2  # comment", "'s 're 've 'll don't"]
+    for text in texts:
+        ids = ours(text)["input_ids"]
+        assert ids == ref(text)["input_ids"], text
+        assert ours.decode(ids) == text
+    messages = [{"role": "user", "content": "Hi"}]
+    assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)

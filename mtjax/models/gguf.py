@@ -131,12 +131,14 @@ def _hf_tensors(reader, hf_config: dict, path: Path) -> Iterator[tuple[str, np.n
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None, head: str = "causal_lm",
-              seed: int = 0, **config_overrides: Any) -> tuple[Model, dict]:
-    """Loads a Llama-architecture GGUF file (any quantisation `gguf` can dequantise) as `(model, params)`."""
+              seed: int = 0, reader: Any = None, **config_overrides: Any) -> tuple[Model, dict]:
+    """Loads a Llama-architecture GGUF file (any quantisation `gguf` can dequantise) as `(model, params)`.
+
+    `reader`: an already opened `gguf.GGUFReader` of `path` (parsing the header takes seconds)."""
     if head not in HEADS:
         raise ValueError(f"head={head!r}; expected one of {HEADS}")
     path = Path(path)
-    reader = _open(path)
+    reader = reader or _open(path)
     hf_config = gguf_hf_config(reader, path)
     cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype or dtype),
                          **config_overrides)
@@ -145,30 +147,44 @@ def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: An
     return model, params
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MTJAX_CACHE_DIR") or Path.home() / ".cache" / "mtjax")
+def tokenizer_from_gguf(reader, path: Path):
+    """A transformers fast tokenizer (with chat template) built from a GGUF file's byte-level BPE
+    vocabulary — without torch, which transformers' own GGUF tokenizer loader imports."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    kind = _field(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not supported by the GGUF tokenizer builder "
+                         "(only byte-level BPE, 'gpt2'); save the tokenizer with transformers instead")
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
+    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    special = lambda key: None if _field(reader, key) is None else tokens[int(_field(reader, key))]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=special("tokenizer.ggml.bos_token_id"),
+        eos_token=special("tokenizer.ggml.eos_token_id"),
+        unk_token=special("tokenizer.ggml.unknown_token_id"),
+        pad_token=special("tokenizer.ggml.padding_token_id"),
+        additional_special_tokens=[t for t, ty in zip(tokens, types, strict=True) if ty == _GGUF_CONTROL_TOKEN],
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        clean_up_tokenization_spaces=False,
+    )
+    return tokenizer
+
+
+_GGUF_CONTROL_TOKEN = 3
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The transformers tokenizer (with chat template) stored in a GGUF file.
-
-    Converting a GGUF vocabulary takes ~10 s, so the result is saved once under `$MTJAX_CACHE_DIR`
-    (default `~/.cache/mtjax`), keyed by the file's name, size and mtime."""
-    from transformers import AutoTokenizer
-
+    """The tokenizer (with chat template) stored in a GGUF file."""
     path = Path(path)
-    stat = path.stat()
-    cached = _cache_root() / "tokenizers" / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-    if (cached / "tokenizer_config.json").exists():
-        return AutoTokenizer.from_pretrained(str(cached))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    try:
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, cached)  # atomic: a crash never leaves a half-written cache entry
-    except OSError:
-        pass  # a read-only home only costs the conversion time next run
-    return tokenizer
+    return tokenizer_from_gguf(_open(path), path)
 
 
 def load_smollm2(dtype: Any = jnp.float32, head: str = "causal_lm", seed: int = 0, **config_overrides: Any):
@@ -177,8 +193,9 @@ def load_smollm2(dtype: Any = jnp.float32, head: str = "causal_lm", seed: int = 
     With `head='reward'` the backbone gets a fresh score head (seeded by `seed`): the starting point
     of our offline reward models."""
     path = smollm2_gguf_path()
-    model, params = load_gguf(path, dtype=dtype, head=head, seed=seed, **config_overrides)
-    tokenizer = load_gguf_tokenizer(path)
+    reader = _open(path)
+    model, params = load_gguf(path, dtype=dtype, head=head, seed=seed, reader=reader, **config_overrides)
+    tokenizer = tokenizer_from_gguf(reader, path)
     if model.cfg.eos_token_ids and tokenizer.eos_token_id not in model.cfg.eos_token_ids:
         raise ValueError(f"{path}: tokenizer eos id {tokenizer.eos_token_id} disagrees with the model config "
                          f"{model.cfg.eos_token_ids}")
