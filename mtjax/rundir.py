@@ -1,0 +1,154 @@
+"""The run directory: resolved config, completed phases, artifacts, metrics and checkpoints.
+
+Resume is phase-granular: a phase's outputs are written first (each file atomically: temp name,
+then rename), and only then is the phase recorded in `phases.json`. A crash, `kill -9` or Ctrl-C
+therefore loses at most the phase in flight, and a rerun skips every recorded phase.
+
+Layout:
+    RUN/config.json      the resolved config; a different config is refused unless overridden
+    RUN/phases.json      [{"name": ..., "summary": {...}}, ...] in completion order
+    RUN/metrics.jsonl    one JSON object per logged row (steps and phase summaries)
+    RUN/<phase files>    JSONL artifacts and Orbax checkpoints named by the caller
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+
+class ConfigMismatchError(RuntimeError):
+    pass
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _canonical(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, indent=2, default=str)
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+class RunDir:
+    """A run directory bound to one config. `RunDir(path, config)` creates or reopens it."""
+
+    def __init__(self, path: str | os.PathLike, config: Mapping[str, Any], allow_config_change: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        config_file = self.path / "config.json"
+        canonical = _canonical(config)
+        if config_file.exists():
+            saved = json.loads(config_file.read_text())
+            changes = _diff(saved, json.loads(canonical))
+            if changes and not allow_config_change:
+                raise ConfigMismatchError(
+                    f"{self.path} was written by a different config ({len(changes)} change(s): "
+                    f"{'; '.join(changes[:5])}). Use a new --workdir, or pass the override flag to resume "
+                    "with the new config anyway."
+                )
+        _atomic_write_text(config_file, canonical + "\n")
+
+    # -- phases -------------------------------------------------------------------------------
+
+    def _phases(self) -> list[dict]:
+        file = self.path / "phases.json"
+        return json.loads(file.read_text()) if file.exists() else []
+
+    def completed(self) -> list[str]:
+        return [p["name"] for p in self._phases()]
+
+    def done(self, phase: str) -> bool:
+        return phase in self.completed()
+
+    def summary(self, phase: str) -> dict:
+        for p in self._phases():
+            if p["name"] == phase:
+                return p["summary"]
+        raise KeyError(f"phase {phase!r} has not completed in {self.path}")
+
+    def mark_done(self, phase: str, summary: Mapping[str, Any] | None = None) -> None:
+        """Records `phase` as complete — call only after all its outputs are written."""
+        phases = [p for p in self._phases() if p["name"] != phase]
+        phases.append({"name": phase, "summary": dict(summary or {})})
+        _atomic_write_text(self.path / "phases.json", json.dumps(phases, indent=2, default=float) + "\n")
+        self.log_metrics({"phase": phase, **dict(summary or {})})
+
+    # -- artifacts ----------------------------------------------------------------------------
+
+    def file(self, relpath: str) -> Path:
+        return self.path / relpath
+
+    def write_json(self, relpath: str, obj: Any) -> Path:
+        path = self.file(relpath)
+        _atomic_write_text(path, json.dumps(obj, indent=2, default=float) + "\n")
+        return path
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.file(relpath).read_text())
+
+    def write_jsonl(self, relpath: str, rows: Iterable[Mapping[str, Any]]) -> Path:
+        path = self.file(relpath)
+        _atomic_write_text(path, "".join(json.dumps(r, default=float) + "\n" for r in rows))
+        return path
+
+    def read_jsonl(self, relpath: str) -> list[dict]:
+        with open(self.file(relpath)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def log_metrics(self, row: Mapping[str, Any]) -> None:
+        """Appends one row to metrics.jsonl (flushed and fsynced: a crash keeps every logged row)."""
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(dict(row), default=float) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        return self.read_jsonl("metrics.jsonl") if path.exists() else []
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save_params(self, relpath: str, params: Any) -> Path:
+        """Saves a param pytree with Orbax (written to a temp dir, then renamed into place)."""
+        import orbax.checkpoint as ocp
+
+        final = self.file(relpath).absolute()
+        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with ocp.StandardCheckpointer() as ckpt:
+            ckpt.save(tmp, params)
+            ckpt.wait_until_finished()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def load_params(self, relpath: str, like: Any = None) -> Any:
+        """Restores a param pytree; `like` (arrays or ShapeDtypeStructs with shardings) places it."""
+        import orbax.checkpoint as ocp
+
+        path = self.file(relpath).absolute()
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}; the run directory is incomplete")
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.restore(path, like) if like is not None else ckpt.restore(path)
