@@ -22,7 +22,10 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values `[B,S,K,H]` and the number of slots already written."""
+    """Per-layer keys/values `[B,K,S,H]` and the number of slots already written.
+
+    Heads before slots: a decode step then reads the cache as a batched `[S,H]` matrix per (batch, kv head)
+    in place; with `[B,S,K,H]` XLA transposed the whole cache of every layer at every step."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -30,7 +33,7 @@ class KVCache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
     return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
@@ -107,6 +110,19 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def cached_attention(q_btnh, k_bksh, v_bksh, mask_b1ts, scale: float):
+    """Grouped-query attention of T new queries over a `[B,K,S,H]` cache (query head n reads kv head
+    n // (N/K), as transformers groups them); softmax in float32, as `jax.nn.dot_product_attention`."""
+    batch, length, heads, head_dim = q_btnh.shape
+    kv_heads = k_bksh.shape[1]
+    q_bkgth = q_btnh.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+    out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
+    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -123,16 +139,17 @@ class Attention(nn.Module):
         k_btkh = apply_rope(proj(cfg.num_kv_heads, "k_proj"), cos, sin)
         v_btkh = proj(cfg.num_kv_heads, "v_proj")
         new_cache = None
-        if layer_cache is not None:
+        if layer_cache is None:
+            out_btnh = jax.nn.dot_product_attention(
+                q_btnh, k_btkh, v_btkh, mask=mask_b1ts, scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl)
+        else:
             cache_k, cache_v = layer_cache
-            start = (0, cache_index, 0, 0)
-            k_btkh = jax.lax.dynamic_update_slice(cache_k, k_btkh.astype(cache_k.dtype), start)
-            v_btkh = jax.lax.dynamic_update_slice(cache_v, v_btkh.astype(cache_v.dtype), start)
-            new_cache = (k_btkh, v_btkh)
-        out_btnh = jax.nn.dot_product_attention(
-            q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), mask=mask_b1ts,
-            scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl,
-        )
+            start = (0, 0, cache_index, 0)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v_btkh.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+            new_cache = (cache_k, cache_v)
+            out_btnh = cached_attention(q_btnh, cache_k.astype(dtype), cache_v.astype(dtype), mask_b1ts,
+                                        cfg.head_dim**-0.5)
         out_btd = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=dtype,
                                   param_dtype=pdtype, kernel_init=_init, name="o_proj")(out_btnh)
         return out_btd, new_cache
@@ -187,9 +204,9 @@ class Decoder(nn.Module):
             query_slots = jnp.arange(length)
             cache_index = 0
         else:
-            if attention_mask is None or attention_mask.shape[1] != cache.keys[0].shape[1]:
+            if attention_mask is None or attention_mask.shape[1] != cache.keys[0].shape[2]:
                 raise ValueError("with a KV cache, attention_mask must cover all cache slots: shape "
-                                 f"[B, {cache.keys[0].shape[1]}], got "
+                                 f"[B, {cache.keys[0].shape[2]}], got "
                                  f"{None if attention_mask is None else attention_mask.shape}")
             kv_mask = attention_mask
             cache_index = cache.index

@@ -1,0 +1,540 @@
+"""Jitted KV-cached sampling from a `CausalLM` and batched scoring with a `RewardModel`.
+
+`generate` runs one jitted program per batch: a prefill over the left-padded prompts into a
+preallocated KV cache, then a `lax.while_loop` that decodes one token per step and exits as soon as
+every row has emitted a stop id (finished rows emit `pad_token_id`). The host syncs once per batch,
+never per token. Shapes are bucketed so that similar batches reuse compiled code: prompts are
+left-padded to a length bucket (`bucket_length`), and the batch is padded with dummy rows.
+
+Randomness is per row: the key of sample `s` of prompt `p` is `fold_in(fold_in(key(seed), p), s)`,
+folded again with the decode step, so a prompt's samples do not depend on batch composition,
+`batch_size` or ordering.
+
+Sampling filters follow transformers' order (temperature, then top-k, then top-p on the
+renormalised top-k distribution); `temperature=0` is greedy decoding (argmax).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mtjax.models import init_cache
+
+__all__ = [
+    "Generation", "TRACE_COUNTS", "bucket_length", "count_truncated", "decode", "dedup_per_prompt",
+    "filter_logits", "generate", "sample_logits", "score", "strip_stop",
+]
+
+# How many times each jitted program was traced (a retrace means a recompile): tests and benchmarks read it.
+TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+
+_BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One sampled response: the generated ids (the stop id included when `finish_reason == "stop"`,
+    nothing after it) and why it ended ("stop": a stop id was emitted; "length": `max_new_tokens`)."""
+
+    token_ids: tuple[int, ...]
+    finish_reason: str
+
+    @property
+    def length(self) -> int:
+        return len(self.token_ids)
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def filter_logits(logits: jax.Array, temperature: float | jax.Array = 1.0, top_k: int = 0,
+                  top_p: float | jax.Array = 1.0) -> jax.Array:
+    """Scaled logits `[..., V]` with the tokens outside the sampling set at -inf.
+
+    `logits / temperature` (temperature > 0), then top-k (keep the k largest; 0 = off; ties with the
+    k-th value are kept), then top-p on the renormalised result (keep the smallest set of most likely
+    tokens whose total probability is >= top_p; the most likely token is always kept, ties with the
+    last kept value are kept). `top_k` must be a Python int; `top_p` may be traced, and the nucleus
+    step is skipped only when it is a Python number >= 1.
+    """
+    logits = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    vocab = logits.shape[-1]
+    neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
+    if top_k and top_k < vocab:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, neg_inf, logits)
+    if isinstance(top_p, (int, float)) and top_p >= 1.0:
+        return logits
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # probability of the strictly more likely tokens
+    kept = mass_before < jnp.asarray(top_p, jnp.float32)
+    kept = kept.at[..., 0].set(True)
+    n_kept = jnp.sum(kept, axis=-1, keepdims=True)
+    threshold = jnp.take_along_axis(sorted_desc, n_kept - 1, axis=-1)
+    return jnp.where(logits < threshold, neg_inf, logits)
+
+
+# Nucleus sampling looks for the nucleus among this many most likely tokens first (lax.top_k is cheap, a
+# full-vocabulary sort is very slow on CPU); when some row's nucleus is larger, the batch falls back to an
+# exact sort-free threshold search over the whole vocabulary.
+NUCLEUS_CANDIDATES = 64
+
+
+def _inverse_cdf(weights_bv: jax.Array, u_b: jax.Array) -> jax.Array:
+    """Index drawn with probability proportional to `weights` (>= 0, in index order) by uniforms `u` in [0, 1)."""
+    cum = jnp.cumsum(weights_bv, axis=-1)
+    idx = jnp.sum(cum <= u_b[:, None] * cum[:, -1:], axis=-1)
+    last_positive = weights_bv.shape[-1] - 1 - jnp.argmax(weights_bv[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(idx, last_positive).astype(jnp.int32)
+
+
+def _nucleus_threshold(probs_bv: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Per row, the largest t with sum(p[p >= t]) >= top_p, found exactly by bisection on the float bits
+    (non-negative float32 values order like their int32 bit patterns): 31 masked sums, no sort."""
+    bits = jax.lax.bitcast_convert_type(probs_bv, jnp.int32)
+    lo = jnp.zeros(probs_bv.shape[:-1], jnp.int32)
+    hi = jnp.max(bits, axis=-1) + 1  # invariant: mass(lo) >= top_p > mass(hi)
+
+    def body(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        t = jax.lax.bitcast_convert_type(mid, jnp.float32)[:, None]
+        ok = jnp.sum(jnp.where(probs_bv >= t, probs_bv, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 31, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)
+
+
+def _sorted_nucleus(probs_bc: jax.Array, values_bc: jax.Array, top_p) -> jax.Array:
+    """Nucleus weights on candidates sorted by decreasing value (the filter_logits rule, ties kept)."""
+    kept = (jnp.cumsum(probs_bc, axis=-1) - probs_bc) < top_p
+    kept = kept.at[:, 0].set(True)
+    threshold = jnp.take_along_axis(values_bc, jnp.sum(kept, axis=-1, keepdims=True) - 1, axis=-1)
+    return jnp.where(values_bc >= threshold, probs_bc, 0.0)
+
+
+def _draw_candidates(weights_bc: jax.Array, ids_bc: jax.Array, u_b: jax.Array) -> jax.Array:
+    """Inverse-CDF draw over candidates taken in token-id order, so it picks the same token as a draw over
+    the whole vocabulary with the same uniform."""
+    order = jnp.argsort(ids_bc, axis=-1)
+    ids_sorted = jnp.take_along_axis(ids_bc, order, axis=-1)
+    j = _inverse_cdf(jnp.take_along_axis(weights_bc, order, axis=-1), u_b)
+    return jnp.take_along_axis(ids_sorted, j[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample_logits(logits_bv: jax.Array, u_b: jax.Array, temperature: float | jax.Array = 1.0, top_k: int = 0,
+                  top_p: float | jax.Array = 1.0, candidates: int = NUCLEUS_CANDIDATES) -> jax.Array:
+    """Token ids `[B]` drawn from the `filter_logits` distribution of `logits [B,V]`, one uniform `u` per row.
+
+    The draw is an inverse-CDF lookup over the kept tokens in token-id order, so it does not depend on
+    how the kept set was found: among the top `candidates` tokens (lax.top_k) when every row's nucleus
+    fits there, otherwise by an exact threshold search over the vocabulary. (The two agree up to float
+    rounding of probability sums; a draw can differ only when `u` or `top_p` sits within ~1e-7 of a
+    boundary.)
+    """
+    scaled = logits_bv.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
+    vocab = scaled.shape[-1]
+    k = top_k if 0 < top_k < vocab else 0
+    use_top_p = not (isinstance(top_p, (int, float)) and top_p >= 1.0)
+    top_p_arr = jnp.asarray(top_p, jnp.float32)
+    neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
+
+    def top_k_masked(x):
+        kth = jax.lax.top_k(x, k)[0][:, -1:]
+        return jnp.where(x < kth, neg_inf, x)
+
+    def whole_vocab(x):
+        if k:
+            x = top_k_masked(x)
+        probs = jax.nn.softmax(x, axis=-1)
+        if use_top_p:
+            probs = jnp.where(probs >= _nucleus_threshold(probs, top_p_arr)[:, None], probs, 0.0)
+        return _inverse_cdf(probs, u_b)
+
+    if k and k <= candidates:  # the kept set is inside the top-k candidates
+        values, ids = jax.lax.top_k(scaled, k)
+        probs = jax.nn.softmax(values, axis=-1)
+        if use_top_p:
+            probs = _sorted_nucleus(probs, values, top_p_arr)
+        return _draw_candidates(probs, ids, u_b)
+    if use_top_p and candidates < vocab:
+        values, ids = jax.lax.top_k(scaled, candidates)
+        lse = jax.nn.logsumexp(top_k_masked(scaled) if k else scaled, axis=-1, keepdims=True)
+        probs = jnp.exp(values - lse)
+        fits = jnp.all(jnp.sum(probs, axis=-1) >= top_p_arr)
+        weights = _sorted_nucleus(probs, values, top_p_arr)
+        return jax.lax.cond(fits, lambda: _draw_candidates(weights, ids, u_b), lambda: whole_vocab(scaled))
+    return whole_vocab(scaled)
+
+
+def bucket_length(n: int) -> int:
+    """Padded length for `n` tokens: multiples of 16 up to 128, of 64 up to 512, then of 256 (few compiled
+    shapes, little padding: on CPU the prefill is a large share of the work)."""
+    if n <= 128:
+        return max(16, -(-n // 16) * 16)
+    if n <= 512:
+        return -(-n // 64) * 64
+    return -(-n // 256) * 256
+
+
+# ----------------------------------------------------------------------------- jitted programs
+
+
+def _last_logits(module, ids_bt, kv_mask_bs, cache):
+    """Cached forward that projects only the last position to the vocabulary (the prefill needs no other)."""
+    hidden_btd, cache = module.model(ids_bt, kv_mask_bs, None, cache)
+    return module.logits_from_hidden(hidden_btd[:, -1:])[:, 0], cache
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_program(model_cls: type, cfg: Any, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool):
+    """The jitted prefill + while-loop decode for one model config and sampling mode.
+
+    Shapes (batch rows, prompt bucket, number of stop ids) are left to jit's own cache; temperature,
+    top_p, seed, stop ids and pad id are traced, so changing them does not recompile."""
+    model = model_cls(cfg)
+    n_new = max_new_tokens
+
+    def run(params, ids_bp, mask_bp, prompt_idx_b, sample_idx_b, seed, temperature, top_p, eos_e, pad_id):
+        TRACE_COUNTS["generate"] += 1
+        batch, prompt_len = ids_bp.shape
+        cache = init_cache(cfg, batch, prompt_len + n_new)
+        # The kv mask covers every slot; slots not yet written are hidden by the causal (slot) mask, and
+        # positions are cumsum(mask) - 1, so a constant mask gives generated token j position len + j.
+        kv_mask = jnp.concatenate([mask_bp.astype(jnp.int32), jnp.ones((batch, n_new), jnp.int32)], axis=1)
+        base = jax.random.key(seed)
+        row_keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(
+            prompt_idx_b, sample_idx_b)
+
+        def pick(logits_bv, step):
+            if greedy:
+                return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+            u = jax.vmap(jax.random.uniform)(keys)
+            return sample_logits(logits_bv, u, temperature, top_k, top_p if use_top_p else 1.0)
+
+        def is_stop(tok_b):
+            return jnp.any(tok_b[:, None] == eos_e[None, :], axis=-1)
+
+        logits, cache = model.apply({"params": params}, ids_bp, kv_mask, cache, method=_last_logits)
+        tok = pick(logits, 0)
+        out = jnp.full((batch, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
+        state = (jnp.asarray(1, jnp.int32), cache, tok, is_stop(tok), out)
+
+        def cond(state):
+            step, _, _, done, _ = state
+            return (step < n_new) & ~jnp.all(done)
+
+        def body(state):
+            step, cache, prev, done, out = state
+            logits, cache = model.apply({"params": params}, prev[:, None], kv_mask, cache, method=_last_logits)
+            tok = jnp.where(done, pad_id, pick(logits, step))
+            out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+            return step + 1, cache, tok, done | is_stop(tok), out
+
+        step, _, _, _, out = jax.lax.while_loop(cond, body, state)
+        return out, step
+
+    return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=32)
+def _score_program(model_cls: type, cfg: Any):
+    model = model_cls(cfg)
+
+    def run(params, ids, mask):
+        TRACE_COUNTS["score"] += 1
+        return model.apply({"params": params}, ids, attention_mask=mask)
+
+    return jax.jit(run)
+
+
+# ----------------------------------------------------------------------------- host-side helpers
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_ids(name: str, seqs: Sequence[Sequence[int]], vocab: int, allow_empty: bool) -> list[np.ndarray]:
+    if isinstance(seqs, (str, bytes)) or not isinstance(seqs, Sequence) and not isinstance(seqs, np.ndarray):
+        raise ValueError(f"{name} must be a sequence of token-id sequences, got {type(seqs).__name__}")
+    out = []
+    for i, seq in enumerate(seqs):
+        if isinstance(seq, (str, bytes)):
+            raise ValueError(f"{name}[{i}] is a string; pass token ids (tokenize first)")
+        arr = np.asarray(seq, dtype=np.int64).reshape(-1)
+        if arr.size == 0 and not allow_empty:
+            raise ValueError(f"{name}[{i}] is empty; every prompt needs at least one token")
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+            raise ValueError(f"{name}[{i}] has token ids outside [0, {vocab}): min {arr.min()}, max {arr.max()}")
+        out.append(arr.astype(np.int32))
+    return out
+
+
+def _batch_divisor(mesh) -> int:
+    if mesh is None:
+        return 1
+    missing = [a for a in _BATCH_AXES if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}; the batch is split over {_BATCH_AXES}, missing {missing}")
+    return math.prod(mesh.shape[a] for a in _BATCH_AXES)
+
+
+def _padded_rows(n_rows: int, batch_size: int, divisor: int) -> int:
+    """Rows a batch of `n_rows` is padded to: `batch_size`, or a smaller power of two for a small last batch
+    (a few extra compiled shapes at most), always a multiple of the mesh's batch divisor."""
+    rows = min(batch_size, 1 << max(n_rows - 1, 0).bit_length())
+    return -(-rows // divisor) * divisor
+
+
+def _place(arrays: Iterable[np.ndarray], mesh) -> list[jax.Array]:
+    if mesh is None:
+        return [jnp.asarray(a) for a in arrays]
+    sharding = NamedSharding(mesh, P(_BATCH_AXES))
+    # every process holds the full host arrays, so each device takes its own slice (multi-host safe)
+    return [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in arrays]
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _on_device(params: Any) -> Any:
+    """Host (numpy) leaves are moved to the device once per call, not once per batch; device arrays are kept
+    where the caller placed them."""
+    return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.asarray(x), params)
+
+
+def _left_pad(rows: Sequence[np.ndarray], n_rows: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((n_rows, length), pad_id, np.int32)
+    mask = np.zeros((n_rows, length), np.int32)
+    for r, seq in enumerate(rows):
+        ids[r, length - len(seq):] = seq
+        mask[r, length - len(seq):] = 1
+    for r in range(len(rows), n_rows):  # dummy rows: one valid token, so no row is fully masked
+        mask[r, -1] = 1
+    return ids, mask
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True)
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_ids: Sequence[int],
+             pad_token_id: int, seed: int = 0, batch_size: int = 32, mesh=None,
+             progress: bool = True) -> list[list[Generation]]:
+    """Samples `num_samples` responses for every prompt: `out[prompt][sample]`.
+
+    Args:
+      model: a `CausalLM`; params: its parameter tree (used where the caller placed it).
+      prompts: token ids per prompt (no padding).
+      max_new_tokens: generation budget per response (>= 1).
+      temperature: 0 = greedy; top_p in (0, 1]; top_k >= 0 (0 = off).
+      eos_token_ids: stop ids (any of them ends a response; may be empty).
+      pad_token_id: fills prompt padding and the slots after a stop.
+      seed: with (prompt index, sample index) decides every draw.
+      batch_size: rows (prompt x sample) per jitted call.
+      mesh: optional `Mesh` with axes ('data', 'fsdp', ...): the batch is split over ('data', 'fsdp').
+      progress: a tqdm bar over batches with generated tokens/s.
+    """
+    cfg = model.cfg
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
+    num_samples = _check_int("num_samples", num_samples, 1)
+    batch_size = _check_int("batch_size", batch_size, 1)
+    top_k = _check_int("top_k", top_k, 0)
+    seed = _check_int("seed", seed, 0)
+    if seed >= 2**32:
+        raise ValueError(f"seed must be < 2**32, got {seed}")
+    pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+    if not isinstance(temperature, (int, float, np.floating)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float, np.floating)) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if isinstance(eos_token_ids, (int, np.integer)):
+        raise ValueError("eos_token_ids must be a sequence of ints (e.g. [eos_id]), got a single int")
+    eos = tuple(_check_int("eos_token_ids[]", int(e) if isinstance(e, np.integer) else e, 0) for e in eos_token_ids)
+    if pad_token_id >= cfg.vocab_size or any(e >= cfg.vocab_size for e in eos):
+        raise ValueError(f"pad_token_id / eos_token_ids must be < vocab_size={cfg.vocab_size}")
+    divisor = _batch_divisor(mesh)
+    if batch_size % divisor:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data*fsdp size {divisor}")
+    rows = _check_ids("prompts", prompts, cfg.vocab_size, allow_empty=False)
+    limit = cfg.max_position_embeddings
+    for i, p in enumerate(rows):
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(f"prompts[{i}] has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds "
+                             f"the model's max_position_embeddings={limit}")
+    if not rows:
+        return []
+
+    greedy = float(temperature) == 0.0
+    use_top_p = not greedy and top_p < 1.0
+    program = _generate_program(type(model), cfg, max_new_tokens, greedy, top_k if not greedy else 0, use_top_p)
+    params = _on_device(params)
+    # (prompt, sample) pairs, longest prompts first; output order is restored at the end
+    jobs = sorted(((p, s) for p in range(len(rows)) for s in range(num_samples)), key=lambda j: -len(rows[j[0]]))
+    scalars = (jnp.asarray(seed, jnp.uint32), jnp.asarray(temperature if not greedy else 1.0, jnp.float32),
+               jnp.asarray(top_p, jnp.float32), jnp.asarray(eos, jnp.int32).reshape(-1),
+               jnp.asarray(pad_token_id, jnp.int32))
+    results: list[list[Generation | None]] = [[None] * num_samples for _ in rows]
+    eos_set = set(eos)
+    n_tokens, start = 0, time.perf_counter()
+
+    def collect(pending):
+        nonlocal n_tokens
+        chunk, out = pending
+        tokens = _to_host(out[0])
+        for r, (p, s) in enumerate(chunk):
+            row = tokens[r].tolist()
+            stop_at = next((i for i, t in enumerate(row) if t in eos_set), None)
+            if stop_at is None:
+                results[p][s] = Generation(tuple(row), "length")
+            else:
+                results[p][s] = Generation(tuple(row[: stop_at + 1]), "stop")
+            n_tokens += results[p][s].length
+
+    chunks = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
+    pending = None
+    with _progress(len(chunks), "generate", progress) as bar:
+        for chunk in chunks:
+            n_rows = _padded_rows(len(chunk), batch_size, divisor)
+            length = bucket_length(max(len(rows[p]) for p, _ in chunk))
+            ids, mask = _left_pad([rows[p] for p, _ in chunk], n_rows, length, pad_token_id)
+            prompt_idx = np.zeros(n_rows, np.int32)
+            sample_idx = np.zeros(n_rows, np.int32)
+            prompt_idx[: len(chunk)] = [p for p, _ in chunk]
+            sample_idx[: len(chunk)] = [s for _, s in chunk]
+            batch = _place([ids, mask, prompt_idx, sample_idx], mesh)
+            out = program(params, *batch, *scalars)  # dispatched asynchronously
+            if pending is not None:  # sync on the previous batch while this one runs
+                collect(pending)
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - start):.1f}")
+            pending = (chunk, out)
+        collect(pending)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{n_tokens / (time.perf_counter() - start):.1f}")
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def score(reward_model, params, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+          batch_size: int = 32, pad_token_id: int, mesh=None, progress: bool = True) -> np.ndarray:
+    """Rewards `[N]` float32 of `reward_model` for each (prompt, response) pair, input = prompt + response ids.
+
+    Pairs are sorted by length, left-padded to `bucket_length` buckets and batched; the reward is read
+    at the last real token (by mask). Responses may be empty; prompts may not.
+    """
+    cfg = reward_model.cfg
+    batch_size = _check_int("batch_size", batch_size, 1)
+    pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
+    p_rows = _check_ids("prompts", prompts, cfg.vocab_size, allow_empty=False)
+    r_rows = _check_ids("responses", responses, cfg.vocab_size, allow_empty=True)
+    if len(p_rows) != len(r_rows):
+        raise ValueError(f"prompts and responses must pair up: {len(p_rows)} prompts vs {len(r_rows)} responses")
+    divisor = _batch_divisor(mesh)
+    if batch_size % divisor:
+        raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data*fsdp size {divisor}")
+    seqs = [np.concatenate([p, r]) for p, r in zip(p_rows, r_rows, strict=True)]
+    for i, s in enumerate(seqs):
+        if len(s) > cfg.max_position_embeddings:
+            raise ValueError(f"prompts[{i}] + responses[{i}] has {len(s)} tokens, more than the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+    program = _score_program(type(reward_model), cfg)
+    params = _on_device(params)
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    rewards = np.zeros(len(seqs), np.float32)
+    pending = None
+    with _progress(len(chunks), "score", progress) as bar:
+        for chunk in chunks + [None]:
+            out = None
+            if chunk is not None:
+                n_rows = _padded_rows(len(chunk), batch_size, divisor)
+                ids, mask = _left_pad([seqs[i] for i in chunk], n_rows, bucket_length(len(seqs[chunk[0]])),
+                                      pad_token_id)
+                out = program(params, *_place([ids, mask], mesh))
+            if pending is not None:
+                prev_chunk, prev_out = pending
+                rewards[prev_chunk] = _to_host(prev_out)[: len(prev_chunk)].reshape(len(prev_chunk), -1)[:, 0]
+                bar.update(1)
+            pending = (chunk, out)
+    return rewards
+
+
+# ----------------------------------------------------------------------------- hygiene
+
+
+def _ids_of(item: Any) -> tuple[int, ...]:
+    return tuple(int(t) for t in (item.token_ids if isinstance(item, Generation) else item))
+
+
+def strip_stop(ids: Sequence[int] | Generation, stop_ids: Iterable[int]) -> tuple[int, ...]:
+    """The ids without their trailing stop ids (e.g. for decoding to text)."""
+    ids, stops = _ids_of(ids), {int(s) for s in stop_ids}
+    end = len(ids)
+    while end and ids[end - 1] in stops:
+        end -= 1
+    return ids[:end]
+
+
+def decode(tokenizer: Any, ids: Sequence[int] | Generation, stop_ids: Iterable[int] = (),
+           skip_special_tokens: bool = True) -> str:
+    """Text of a response, trailing stop ids removed."""
+    return tokenizer.decode(list(strip_stop(ids, stop_ids)), skip_special_tokens=skip_special_tokens)
+
+
+def dedup_per_prompt(generations: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """Drops exact duplicate responses (same token ids) within each prompt, keeping first occurrences in order.
+    Count what was dropped with `sum(map(len, before)) - sum(map(len, after))`."""
+    out = []
+    for per_prompt in generations:
+        seen: set[tuple[int, ...]] = set()
+        kept = []
+        for g in per_prompt:
+            key = _ids_of(g)
+            if key not in seen:
+                seen.add(key)
+                kept.append(g)
+        out.append(kept)
+    return out
+
+
+def count_truncated(generations: Iterable[Any]) -> int:
+    """Number of generations that hit `max_new_tokens` (finish_reason "length"); flat or nested lists."""
+    n = 0
+    for g in generations:
+        if isinstance(g, Generation):
+            n += g.finish_reason == "length"
+        else:
+            n += count_truncated(g)
+    return n
