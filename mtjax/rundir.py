@@ -90,7 +90,6 @@ class RunDir:
         phases = [p for p in self._phases() if p["name"] != phase]
         phases.append({"name": phase, "summary": dict(summary or {})})
         _atomic_write_text(self.path / "phases.json", json.dumps(phases, indent=2, default=float) + "\n")
-        self.log_metrics({"phase": phase, **dict(summary or {})})
 
     # -- artifacts ----------------------------------------------------------------------------
 

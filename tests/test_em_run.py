@@ -1,0 +1,188 @@
+"""The EM driver end to end on the `tiny` preset: phases, artifacts, resume, ablation switches, export."""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mtjax import em
+from mtjax.em import MutualTaught
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import mt  # noqa: E402
+
+PHASES = ["prompts", "base_rm", "iter_0/eval", "iter_1/e_step", "iter_1/m_step", "iter_1/eval",
+          "iter_2/e_step", "iter_2/m_step", "iter_2/eval"]
+
+
+def tiny_config(**mt_overrides):
+    cfg = mt.get_config("tiny")
+    cfg.mt.update(mt_overrides)
+    return cfg
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def trees_differ(a, b) -> bool:
+    return any(jax.tree.leaves(jax.tree.map(lambda x, y: bool(np.any(np.asarray(x) != np.asarray(y))), a, b)))
+
+
+def without_timings(results):
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in results]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny run (shared by the tests below)."""
+    workdir = tmp_path_factory.mktemp("tiny_reference")
+    run = MutualTaught(tiny_config(), str(workdir))
+    results = run.run()
+    return run, results
+
+
+def test_tiny_run_writes_every_phase_and_artifact(reference_run):
+    run, results = reference_run
+    rd = run.rd
+    assert rd.completed() == PHASES
+    assert [r["iteration"] for r in results] == [0, 1, 2]
+    for t in (1, 2):
+        for name in ("policy", "reward_model"):
+            assert rd.file(f"iter_{t}/{name}").is_dir()
+        assert rd.read_jsonl(f"iter_{t}/e_step/samples.jsonl")
+        assert json.loads(rd.file(f"eval/iter_{t}.json").read_text())["iteration"] == t
+    # Every E-step prompt is accounted for: a pair, or a counted reason for having none.
+    cfg = run.cfg
+    for t in (1, 2):
+        summary = rd.summary(f"iter_{t}/e_step")
+        skipped = sum(v for k, v in summary.items() if k.startswith("skipped_"))
+        assert summary["pairs"] + skipped == cfg.prompts.policy[t - 1]
+        assert len(rd.read_jsonl(f"iter_{t}/e_step/pairs.jsonl")) == summary["pairs"]
+        assert summary["wall_seconds"] > 0
+    # The models moved: DPO changed π, Bradley-Terry changed r.
+    pi1, r1 = run.params_at(1)
+    pi0, r0 = run.params_at(0)
+    assert trees_differ(pi0, pi1) and trees_differ(r0, r1)
+    # metrics.jsonl: per-step training lines, all tagged with their iteration and phase.
+    rows = rd.metrics()
+    assert all(isinstance(r["iteration"], int) and "phase" in r for r in rows)
+    assert any(r["phase"] == "iter_1/e_step" and "loss" in r.get("train", {}) for r in rows)
+    assert any(r["phase"] == "iter_2/m_step" and "accuracy" in r.get("train", {}) for r in rows)
+
+
+def test_report_and_summary_table_render(reference_run):
+    from mtjax.report import write_report
+    from mtjax.run import summary_table
+
+    run, _ = reference_run
+    report = write_report(run.rd.path)
+    assert report["plots"] and all(p.stat().st_size > 0 for p in report["plots"])
+    table = summary_table(report["table"])
+    assert "policy/gold_reward" in table and "iter 2" in table
+
+
+def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_path, monkeypatch):
+    """Ctrl-C inside iteration 1's M-step (after its samples were stored) and inside iteration 2's
+    DPO; each rerun continues where the last left off and ends with the same models and metrics."""
+    ref_run, ref_results = reference_run
+    workdir = str(tmp_path / "resumed")
+    real_rm, real_dpo = em.train_reward_model, em.train_dpo
+
+    def interrupt_at_call(n, real):
+        calls = []
+
+        def fake(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return fake
+
+    monkeypatch.setattr(em, "train_reward_model", interrupt_at_call(2, real_rm))  # base_rm, iter_1/m_step
+    run = MutualTaught(tiny_config(), workdir)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert run.rd.completed() == PHASES[:4]
+    assert run.rd.file("iter_1/m_step/new_policy_samples.jsonl").exists()  # kept for the rerun
+
+    monkeypatch.setattr(em, "train_reward_model", real_rm)
+    monkeypatch.setattr(em, "train_dpo", interrupt_at_call(1, real_dpo))  # iter_2/e_step
+    run = MutualTaught(tiny_config(), workdir)
+    with pytest.raises(KeyboardInterrupt):
+        run.run()
+    assert run.rd.completed() == PHASES[:6]
+
+    monkeypatch.setattr(em, "train_dpo", real_dpo)
+    run = MutualTaught(tiny_config(), workdir)
+    results = run.run()
+    assert without_timings(results) == without_timings(ref_results)
+    for t in (1, 2):
+        for mine, ref in zip(run.params_at(t), ref_run.params_at(t), strict=True):
+            assert_trees_equal(mine, ref)
+
+
+def test_changed_config_is_refused(reference_run):
+    from mtjax.rundir import ConfigMismatchError
+
+    run, _ = reference_run
+    with pytest.raises(ConfigMismatchError, match=r"dpo\.beta"):
+        cfg = tiny_config()
+        cfg.dpo.beta = 0.5
+        MutualTaught(cfg, str(run.rd.path))
+
+
+@pytest.mark.parametrize("rm_update", ["frozen", "contrastive_only"])
+def test_ablation_switches_change_exactly_their_data(rm_update, tmp_path):
+    cfg = tiny_config(rm_update=rm_update)
+    cfg.iterations = 1
+    cfg.prompts.policy = (6,)
+    run = MutualTaught(cfg, str(tmp_path))
+    run.run()
+    if rm_update == "frozen":  # iterative DPO: the RM is never trained after r0
+        assert "iter_1/m_step" not in run.rd.completed()
+        assert_trees_equal(run.params_at(1)[1], run.params_at(0)[1])
+    else:  # contrastive pairs only: no self-training (D(PM)) pairs
+        assert run.rd.file("iter_1/m_step/contrastive_pairs.jsonl").exists()
+        assert not run.rd.file("iter_1/m_step/self_pairs.jsonl").exists()
+        assert "self_pairs" not in run.rd.summary("iter_1/m_step")
+
+
+def test_export_loads_in_transformers(reference_run, tmp_path):
+    import torch
+    import transformers
+
+    from mtjax.export import export_iteration
+
+    run, _ = reference_run
+    paths = export_iteration(run.rd.path, 2, tmp_path)
+    policy, reward = run.params_at(2)
+    ids = np.asarray([run.prompt_ids("heldout_eval")[0]], np.int32)
+    hf_policy = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"], torch_dtype=torch.float32)
+    hf_rm = transformers.AutoModelForSequenceClassification.from_pretrained(paths["reward_model"],
+                                                                            torch_dtype=torch.float32)
+    with torch.no_grad():
+        hf_logits = hf_policy(torch.from_numpy(ids).long()).logits.numpy()
+        hf_reward = hf_rm(torch.from_numpy(ids).long()).logits[:, 0].numpy()
+    ours = run.models.policy.apply({"params": policy}, ids)
+    np.testing.assert_allclose(np.asarray(ours), hf_logits, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(run.models.reward.apply({"params": reward}, ids)), hf_reward, atol=1e-4)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.sampling.no_such_key=3"], "unknown config key"),
+    (["--config.sampling.top_p=1.5", "--config.iterations=0"], "top_p=1.5 must be in (0, 1]"),
+    (["--config.sampling.top_p=abc"], "could not convert string to float"),
+])
+def test_cli_rejects_bad_config_with_one_clear_message(args, message, tmp_path):
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:tiny",
+                           f"--workdir={tmp_path}", *args], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "phases.json").exists()  # nothing ran
