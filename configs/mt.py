@@ -51,6 +51,8 @@ def get_config(preset: str = "") -> ConfigDict:
     # rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only.
     # drop_truncated: leave responses that hit max_new_tokens out of pairs (off in the CPU default, whose
     # 48-token budget truncates most of SmolLM2's answers; every truncated response is still counted).
+    # gate_win_rate τ (unset = no gate): after iteration t, keep π_t only if r_t prefers its held-out
+    # responses to the kept policy's at a rate ≥ τ; otherwise the next iteration starts from the kept one.
     cfg.mt = ConfigDict(dict(rm_update="mutual", drop_truncated=False, contrastive_filter=False,
                              gate_win_rate=config_dict.placeholder(float)))
     # Held-out evaluation: num_samples responses per prompt (gold reward, IFEval accuracies, and RM

@@ -12,6 +12,7 @@ resumes after the last finished phase (see `mtjax.rundir`). Phases, in order:
                              pairs, DPO from π_{t-1} (reference π_{t-1}) → π_t
     iter_t/m_step            samples of π_t and π_{t-1} on D_R → contrastive + self pairs → r_t
     iter_t/eval              π_t and r_t on held-out prompts
+    iter_t/gate              (optional) keep π_t only if r_t prefers it to the kept policy at a rate ≥ τ
 """
 
 from __future__ import annotations
@@ -313,8 +314,8 @@ def validate_config(cfg: ConfigDict) -> None:
     sizes = cfg.prompts
     if len(sizes.policy) != cfg.iterations:
         problems.append(f"prompts.policy has {len(sizes.policy)} sizes but iterations={cfg.iterations}")
-    if cfg.mt.gate_win_rate is not None:
-        problems.append("mt.gate_win_rate: the checkpoint gate is not implemented yet; leave it unset")
+    if cfg.mt.gate_win_rate is not None and not 0.0 <= cfg.mt.gate_win_rate <= 1.0:
+        problems.append(f"mt.gate_win_rate={cfg.mt.gate_win_rate} must be in [0, 1] (or unset: no gate)")
     for source in (cfg.policy.source, cfg.reward_model.source):
         if source not in ("smollm2", "tiny"):
             import os
@@ -589,14 +590,39 @@ class MutualTaught:
         base_rm = self.base_reward_model()
         policy, rm = self.models.policy_params, base_rm
         results = [self.evaluate(0, policy, rm)]
+        kept = 0  # the iteration whose policy the loop continues from
         for t in range(1, self.cfg.iterations + 1):
             new_policy = self.e_step(t, policy, rm)
             rm = self.m_step(t, policy, new_policy, rm, base_rm)
-            policy = new_policy
-            results.append(self.evaluate(t, policy, rm))
+            results.append(self.evaluate(t, new_policy, rm))
+            if self.cfg.mt.gate_win_rate is None or self.gate(t, kept, rm):
+                policy, kept = new_policy, t
+        self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
+                                            "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
         self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
                                             "phase_seconds": self.phase_seconds()})
         return results
+
+    def gate(self, t: int, kept: int, rm_params: Any) -> bool:
+        """The checkpoint gate: keep π_t only if r_t prefers its held-out responses to those of the kept
+        policy π_kept (same prompts, sample k against sample k; ties count half) at a rate ≥ τ."""
+        phase = f"iter_{t}/gate"
+        if not self.rd.done(phase):
+            with self.phase(phase) as summary:
+                order = self.splits["heldout_eval"]["prompt_id"]
+                new = _group_rows(self.rd.read_jsonl(f"iter_{t}/eval/samples.jsonl"), order)
+                old = _group_rows(self.rd.read_jsonl(f"iter_{kept}/eval/samples.jsonl"), order)
+                prompts = self.prompt_ids("heldout_eval")
+                pairs = [(p, a["response_ids"], b["response_ids"])
+                         for p, na, ob in zip(prompts, new, old, strict=True) for a, b in zip(na, ob, strict=True)]
+                scores = score_responses(self.models, rm_params, [p for p, _, _ in pairs] * 2,
+                                         [a for _, a, _ in pairs] + [b for _, _, b in pairs],
+                                         self.cfg.sampling.batch_size, self.mesh)
+                r_new, r_old = scores[:len(pairs)], scores[len(pairs):]
+                win_rate = float(np.mean((r_new > r_old) + 0.5 * (r_new == r_old)))
+                summary.update(win_rate=win_rate, against_iteration=kept, pairs=len(pairs),
+                               accepted=win_rate >= self.cfg.mt.gate_win_rate)
+        return bool(self.rd.summary(phase)["accepted"])
 
     def params_at(self, t: int) -> tuple[Any, Any]:
         """(π_t, r_t) from the run directory; r_t is the latest RM at or before t (frozen runs keep r0)."""

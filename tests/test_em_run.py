@@ -186,3 +186,19 @@ def test_cli_rejects_bad_config_with_one_clear_message(args, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "phases.json").exists()  # nothing ran
+
+
+def test_checkpoint_gate_continues_from_the_kept_policy(tmp_path):
+    """With τ = 1 the gate (almost surely) rejects π_1; iteration 2 must then sample from the kept policy."""
+    cfg = tiny_config(gate_win_rate=1.0)
+    run = MutualTaught(cfg, str(tmp_path))
+    run.run()
+    gate_1 = run.rd.summary("iter_1/gate")
+    assert gate_1["accepted"] == (gate_1["win_rate"] >= 1.0) and gate_1["against_iteration"] == 0
+    kept = 1 if gate_1["accepted"] else 0
+    assert run.rd.summary("iter_2/gate")["against_iteration"] == kept
+    stored = em._group_rows(run.rd.read_jsonl("iter_2/e_step/samples.jsonl"), run.splits["policy_2"]["prompt_id"])
+    again = em.sample_responses(run.models, run.params_at(kept)[0], run.prompt_ids("policy_2"),
+                                cfg.sampling.num_samples, cfg.sampling, run._seed("iter_2/e_step/samples.jsonl"),
+                                run.mesh)
+    assert [[tuple(r["response_ids"]) for r in g] for g in stored] == [[s.ids for s in g] for g in again]
