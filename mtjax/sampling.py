@@ -6,6 +6,11 @@ every row has emitted a stop id (finished rows emit `pad_token_id`). The host sy
 never per token. Shapes are bucketed so that similar batches reuse compiled code: prompts are
 left-padded to a length bucket (`bucket_length`), and the batch is padded with dummy rows.
 
+With `num_samples = K > 1` each prompt is prefilled once: a batch holds whole groups of `g` sample rows
+of one prompt (`g = K` when `K <= batch_size`), the prefill runs on the `[rows / g, L]` distinct prompts,
+and its KV cache and last logits are repeated `g` times along the batch (`jnp.repeat`) in the same
+jitted program before decoding (see `_plan_groups` for how `g` is chosen).
+
 Randomness is per row: the key of sample `s` of prompt `p` is `fold_in(fold_in(key(seed), p), s)`,
 folded again with the decode step, so a prompt's samples do not depend on batch composition,
 `batch_size` or ordering.
@@ -39,6 +44,12 @@ __all__ = [
 
 # How many times each jitted program was traced (a retrace means a recompile): tests and benchmarks read it.
 TRACE_COUNTS: collections.Counter[str] = collections.Counter()
+# Traced generate shapes, `(prefill rows, prompt bucket, decode rows)` -> count: shows the prefill runs on the
+# de-duplicated prompts (prefill rows = decode rows / samples per prompt group).
+TRACE_SHAPES: collections.Counter[tuple[int, int, int]] = collections.Counter()
+# Prefill each prompt once and repeat its cache for its samples; False = one prefill per sample row (the
+# earlier behaviour, kept as the reference the tests compare against; same draws either way).
+SHARE_PREFILL = True
 
 _BATCH_AXES = ("data", "fsdp")
 
@@ -204,18 +215,27 @@ def _last_logits(module, ids_bt, kv_mask_bs, cache):
 def _generate_program(model_cls: type, cfg: Any, max_new_tokens: int, greedy: bool, top_k: int, use_top_p: bool):
     """The jitted prefill + while-loop decode for one model config and sampling mode.
 
-    Shapes (batch rows, prompt bucket, number of stop ids) are left to jit's own cache; temperature,
-    top_p, seed, stop ids and pad id are traced, so changing them does not recompile."""
+    Shapes (prompts, prompt bucket, sample rows, number of stop ids) are left to jit's own cache;
+    temperature, top_p, seed, stop ids and pad id are traced, so changing them does not recompile.
+
+    `ids_pl`/`mask_pl` hold the `P` distinct prompts of the batch and `prompt_idx_b`/`sample_idx_b` its
+    `B = P * g` sample rows, `g` consecutive rows per prompt: the prefill runs on `[P, L]` and its cache and
+    last logits are repeated `g` times along the batch before the decode loop."""
     model = model_cls(cfg)
     n_new = max_new_tokens
 
-    def run(params, ids_bp, mask_bp, prompt_idx_b, sample_idx_b, seed, temperature, top_p, eos_e, pad_id):
+    def run(params, ids_pl, mask_pl, prompt_idx_b, sample_idx_b, seed, temperature, top_p, eos_e, pad_id):
         TRACE_COUNTS["generate"] += 1
-        batch, prompt_len = ids_bp.shape
-        cache = init_cache(cfg, batch, prompt_len + n_new)
+        n_prompts, prompt_len = ids_pl.shape
+        batch = prompt_idx_b.shape[0]
+        if batch % n_prompts:
+            raise ValueError(f"{batch} sample rows are not a whole number of groups of the {n_prompts} prompts")
+        group = batch // n_prompts
+        TRACE_SHAPES[(n_prompts, prompt_len, batch)] += 1
+        cache = init_cache(cfg, n_prompts, prompt_len + n_new)
         # The kv mask covers every slot; slots not yet written are hidden by the causal (slot) mask, and
         # positions are cumsum(mask) - 1, so a constant mask gives generated token j position len + j.
-        kv_mask = jnp.concatenate([mask_bp.astype(jnp.int32), jnp.ones((batch, n_new), jnp.int32)], axis=1)
+        kv_mask = jnp.concatenate([mask_pl.astype(jnp.int32), jnp.ones((n_prompts, n_new), jnp.int32)], axis=1)
         base = jax.random.key(seed)
         row_keys = jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(base, p), s))(
             prompt_idx_b, sample_idx_b)
@@ -230,7 +250,12 @@ def _generate_program(model_cls: type, cfg: Any, max_new_tokens: int, greedy: bo
         def is_stop(tok_b):
             return jnp.any(tok_b[:, None] == eos_e[None, :], axis=-1)
 
-        logits, cache = model.apply({"params": params}, ids_bp, kv_mask, cache, method=_last_logits)
+        logits, cache = model.apply({"params": params}, ids_pl, kv_mask, cache, method=_last_logits)
+        if group > 1:  # every sample row of a prompt starts from the prompt's one prefill
+            def repeat(x):
+                return jnp.repeat(x, group, axis=0) if x.ndim else x
+
+            logits, cache, kv_mask = jax.tree.map(repeat, (logits, cache, kv_mask))
         tok = pick(logits, 0)
         out = jnp.full((batch, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
         state = (jnp.asarray(1, jnp.int32), cache, tok, is_stop(tok), out)
@@ -304,6 +329,20 @@ def _padded_rows(n_rows: int, batch_size: int, divisor: int) -> int:
     return -(-rows // divisor) * divisor
 
 
+def _plan_groups(num_samples: int, batch_size: int, divisor: int) -> tuple[int, int]:
+    """`(g, prompts per batch)`: a prompt's samples are split into `ceil(K / g_max)` groups of `g` rows, as even as
+    possible, each group sharing one prefill; a batch holds whole groups (`prompts per batch * g <= batch_size`
+    rows). `g_max = batch_size // divisor`, so a batch has at least `divisor` groups (the prefill batch is split
+    over the mesh like the sample rows). So with `K <= batch_size` (and no mesh) all K samples of a prompt share
+    one prefill and a batch holds `batch_size // K` prompts (`batch_size` rounded down to a multiple of K); with
+    `K > batch_size` a prompt's samples span several batches of one prompt each. A group whose prompt has fewer
+    samples left than `g` is padded with copies of its last sample row (discarded)."""
+    g_max = batch_size // divisor if SHARE_PREFILL else 1
+    n_groups = -(-num_samples // g_max)
+    group = -(-num_samples // n_groups)
+    return group, batch_size // group // divisor * divisor
+
+
 def _place(arrays: Iterable[np.ndarray], mesh) -> list[jax.Array]:
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
@@ -360,7 +399,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       eos_token_ids: stop ids (any of them ends a response; may be empty).
       pad_token_id: fills prompt padding and the slots after a stop.
       seed: with (prompt index, sample index) decides every draw.
-      batch_size: rows (prompt x sample) per jitted call.
+      batch_size: at most this many rows (prompt x sample) per jitted call. With `num_samples=K <= batch_size`
+        a batch holds `batch_size // K` whole prompts (all their samples, sharing one prefill), i.e.
+        `batch_size` is rounded down to a multiple of K; with K > batch_size a prompt's samples are split into
+        even groups of at most `batch_size` rows (one prompt per batch). Results do not depend on it.
       mesh: optional `Mesh` with axes ('data', 'fsdp', ...): the batch is split over ('data', 'fsdp').
       progress: a tqdm bar over batches with generated tokens/s.
     """
@@ -398,8 +440,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     use_top_p = not greedy and top_p < 1.0
     program = _generate_program(type(model), cfg, max_new_tokens, greedy, top_k if not greedy else 0, use_top_p)
     params = _on_device(params)
-    # (prompt, sample) pairs, longest prompts first; output order is restored at the end
-    jobs = sorted(((p, s) for p in range(len(rows)) for s in range(num_samples)), key=lambda j: -len(rows[j[0]]))
+    group, prompts_per_batch = _plan_groups(num_samples, batch_size, divisor)
+    # (prompt, its sample indices) groups, longest prompts first; output order is restored at the end
+    jobs = [(p, tuple(range(s, min(s + group, num_samples))))
+            for p in sorted(range(len(rows)), key=lambda p: -len(rows[p])) for s in range(0, num_samples, group)]
     scalars = (jnp.asarray(seed, jnp.uint32), jnp.asarray(temperature if not greedy else 1.0, jnp.float32),
                jnp.asarray(top_p, jnp.float32), jnp.asarray(eos, jnp.int32).reshape(-1),
                jnp.asarray(pad_token_id, jnp.int32))
@@ -411,26 +455,31 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
         nonlocal n_tokens
         chunk, out = pending
         tokens = _to_host(out[0])
-        for r, (p, s) in enumerate(chunk):
-            row = tokens[r].tolist()
-            stop_at = next((i for i, t in enumerate(row) if t in eos_set), None)
-            if stop_at is None:
-                results[p][s] = Generation(tuple(row), "length")
-            else:
-                results[p][s] = Generation(tuple(row[: stop_at + 1]), "stop")
-            n_tokens += results[p][s].length
+        for j, (p, samples) in enumerate(chunk):
+            for k, s in enumerate(samples):
+                row = tokens[j * group + k].tolist()
+                stop_at = next((i for i, t in enumerate(row) if t in eos_set), None)
+                if stop_at is None:
+                    results[p][s] = Generation(tuple(row), "length")
+                else:
+                    results[p][s] = Generation(tuple(row[: stop_at + 1]), "stop")
+                n_tokens += results[p][s].length
 
-    chunks = [jobs[i: i + batch_size] for i in range(0, len(jobs), batch_size)]
+    chunks = [jobs[i: i + prompts_per_batch] for i in range(0, len(jobs), prompts_per_batch)]
     pending = None
     with _progress(len(chunks), "generate", progress) as bar:
         for chunk in chunks:
-            n_rows = _padded_rows(len(chunk), batch_size, divisor)
+            n_prompts = _padded_rows(len(chunk), prompts_per_batch, divisor)
             length = bucket_length(max(len(rows[p]) for p, _ in chunk))
-            ids, mask = _left_pad([rows[p] for p, _ in chunk], n_rows, length, pad_token_id)
-            prompt_idx = np.zeros(n_rows, np.int32)
-            sample_idx = np.zeros(n_rows, np.int32)
-            prompt_idx[: len(chunk)] = [p for p, _ in chunk]
-            sample_idx[: len(chunk)] = [s for _, s in chunk]
+            ids, mask = _left_pad([rows[p] for p, _ in chunk], n_prompts, length, pad_token_id)
+            # group j owns rows [j * group, (j + 1) * group); a short group repeats its last sample (same key:
+            # it finishes with it), dummy prompts get (0, 0)
+            prompt_idx = np.zeros(n_prompts * group, np.int32)
+            sample_idx = np.zeros(n_prompts * group, np.int32)
+            for j, (p, samples) in enumerate(chunk):
+                prompt_idx[j * group: (j + 1) * group] = p
+                sample_idx[j * group: (j + 1) * group] = samples[-1]
+                sample_idx[j * group: j * group + len(samples)] = samples
             batch = _place([ids, mask, prompt_idx, sample_idx], mesh)
             out = program(params, *batch, *scalars)  # dispatched asynchronously
             if pending is not None:  # sync on the previous batch while this one runs

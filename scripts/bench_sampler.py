@@ -11,6 +11,12 @@ With `--gpu-bound` (default on a GPU) the decode step time (from a 1-token call 
 compared with the memory-bandwidth bound: bytes of weights + KV cache read per step / bandwidth.
 
     python scripts/bench_sampler.py --batch-sizes 8,32 --max-new-tokens 64 --out docs/bench/sampler_cpu.json
+
+With `--samples P:K:N` (e.g. 8:4:48) it instead times `generate` with `num_samples=K` on P prompts x N new
+tokens (batch_size = P*K: one batch), and with `--old-sampler FILE` also an older copy of mtjax/sampling.py in
+the same process (alternating calls, best of `--repeats`), checking both return the same tokens:
+
+    python scripts/bench_sampler.py --samples 8:4:48 --old-sampler /tmp/sampling_old.py --repeats 3
 """
 
 from __future__ import annotations
@@ -87,6 +93,59 @@ def bench_mtjax(model, params, prompts, max_new_tokens, args) -> dict:
     return res
 
 
+def bench_samples(model, params, tokenizer, spec: str, args) -> list[dict]:
+    """`num_samples=K` sampling with the current sampler (and an older copy), same seeds, alternating calls."""
+    import importlib.util
+
+    n_prompts, k, n_new = (int(x) for x in spec.split(":"))
+    prompts = chat_prompts(tokenizer, n_prompts)
+    samplers = {"current": sampling}
+    if args.old_sampler:
+        mod_spec = importlib.util.spec_from_file_location("sampling_old", args.old_sampler)
+        old = importlib.util.module_from_spec(mod_spec)
+        sys.modules["sampling_old"] = old  # dataclasses look their module up while it executes
+        mod_spec.loader.exec_module(old)
+        samplers["old"] = old
+    kwargs = dict(temperature=args.temperature, top_p=args.top_p, eos_token_ids=[], pad_token_id=args.pad_id,
+                  batch_size=n_prompts * k, num_samples=k, max_new_tokens=n_new, progress=False)
+    first, times, outs = {}, {name: [] for name in samplers}, {}
+    for name, mod in samplers.items():
+        t0 = time.perf_counter()
+        outs[name] = mod.generate(model, params, prompts, seed=0, **kwargs)
+        first[name] = time.perf_counter() - t0
+    for rep in range(args.repeats):
+        for name, mod in samplers.items():
+            t0 = time.perf_counter()
+            mod.generate(model, params, prompts, seed=rep + 1, **kwargs)
+            times[name].append(time.perf_counter() - t0)
+    same = None
+    if "old" in outs:  # compare tokens and finish reasons (the two modules' Generation classes differ)
+        def key(out):
+            return [[(g.token_ids, g.finish_reason) for g in per] for per in out]
+
+        same = key(outs["old"]) == key(outs["current"])
+    prefill = {}  # a 1-token call: the prefill (+ one sampling step), best of 3 warm calls
+    for name, mod in samplers.items():
+        one = dict(kwargs, max_new_tokens=1)
+        mod.generate(model, params, prompts, seed=0, **one)
+        walls = []
+        for rep in range(3):
+            t0 = time.perf_counter()
+            mod.generate(model, params, prompts, seed=rep + 1, **one)
+            walls.append(time.perf_counter() - t0)
+        prefill[name] = min(walls)
+    lens = [len(p) for p in prompts]
+    rows = []
+    for name in samplers:
+        wall = min(times[name])
+        rows.append(dict(prompts=n_prompts, num_samples=k, max_new_tokens=n_new, prompt_len_min=min(lens),
+                         prompt_len_max=max(lens), sampler=name, first_call_s=first[name], wall_s=wall,
+                         wall_all_s=times[name], one_token_call_s=prefill[name],
+                         tokens_per_s=n_prompts * k * n_new / wall,
+                         same_tokens_as_old=same))
+    return rows
+
+
 def bench_hf(hf_model, prompts, max_new_tokens, args, threads: int) -> dict:
     import torch
 
@@ -141,6 +200,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="", help="JSON results path")
     ap.add_argument("--md", default="", help="markdown table path")
     ap.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
+    ap.add_argument("--samples", default="", help="P:K:N = P prompts x num_samples K x N new tokens (mtjax only)")
+    ap.add_argument("--old-sampler", default="", help="path of an older mtjax/sampling.py to compare with --samples")
     args = ap.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     if args.gpu_bound is None:
@@ -164,6 +225,17 @@ def main(argv=None) -> int:
             save_hf(model, jax.tree.map(np.asarray, params), tmp)
             hf_model = transformers.AutoModelForCausalLM.from_pretrained(
                 tmp, dtype=getattr(torch, args.dtype)).eval()
+
+    if args.samples:
+        rows = bench_samples(model, params, tokenizer, args.samples, args)
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        if args.out:
+            meta = dict(model="SmolLM2-135M-Instruct", dtype=args.dtype, temperature=args.temperature,
+                        top_p=args.top_p, cpu_count=os.cpu_count(), jax=jax.__version__, note=args.note,
+                        loadavg_start=load_start, loadavg_end=os.getloadavg())
+            Path(args.out).write_text(json.dumps(dict(meta=meta, results=rows), indent=2))
+        return 0
 
     rows = []
     for batch, n_new in settings:

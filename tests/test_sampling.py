@@ -226,6 +226,37 @@ def test_no_recompile_within_a_bucket(tiny):
     assert sampling.TRACE_COUNTS["generate"] == before + 1
 
 
+@pytest.mark.parametrize("num_samples,batch_size,shapes", [
+    (4, 8, {(2, 16, 8), (1, 16, 4)}),  # 2 prompts x 4 samples per batch, then the last prompt
+    (3, 8, {(2, 16, 6), (1, 16, 3)}),  # batch_size rounded down to a multiple of K: 6 rows
+    (6, 4, {(1, 16, 3)}),  # K > batch_size: each prompt's samples in two groups of 3, one prompt per batch
+], ids=["K4_b8", "K3_b8_rounded", "K6_b4_split"])
+def test_shared_prefill_matches_per_sample_prefill(tiny, monkeypatch, num_samples, batch_size, shapes):
+    """Each prompt is prefilled once on the de-duplicated [prompts, L] batch and its cache repeated for its
+    samples; the draws equal those of one prefill per sample row (the earlier path, SHARE_PREFILL=False)."""
+    _, model, params = tiny
+    kw = dict(SAMPLE_KW, temperature=1.0, num_samples=num_samples, seed=11, batch_size=batch_size)
+    sampling._generate_program.cache_clear()  # fresh programs: every shape used is traced (and recorded)
+    sampling.TRACE_SHAPES.clear()
+    shared = _gen(model, params, SHORT, **kw)
+    assert set(sampling.TRACE_SHAPES) == shapes  # (prefill rows, prompt bucket, decode rows)
+    monkeypatch.setattr(sampling, "SHARE_PREFILL", False)
+    sampling._generate_program.cache_clear()
+    sampling.TRACE_SHAPES.clear()
+    assert _gen(model, params, SHORT, **kw) == shared
+    assert all(p == rows for p, _, rows in sampling.TRACE_SHAPES)  # one prefill row per sample row
+    assert [len(per) for per in shared] == [num_samples] * len(SHORT)
+    assert len({g.token_ids for per in shared for g in per}) == num_samples * len(SHORT)
+
+
+def test_prefill_traced_on_distinct_prompts(tiny):
+    _, model, params = tiny
+    sampling._generate_program.cache_clear()
+    sampling.TRACE_SHAPES.clear()
+    _gen(model, params, SHORT, **dict(SAMPLE_KW, temperature=0.9, num_samples=4, batch_size=32, seed=4))
+    assert set(sampling.TRACE_SHAPES) == {(4, 16, 16)}  # 3 prompts (padded to 4) x 4 samples, one prefill each
+
+
 def test_mesh_matches_single_device(tiny):
     from jax.sharding import Mesh
 
