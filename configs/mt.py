@@ -16,9 +16,10 @@ from ml_collections import ConfigDict, config_dict
 PRESETS = ("default", "tiny", "gpu", "paper")
 
 
-def _train(lr: float, batch: int, max_length: int, epochs: int = 1, weight_decay: float = 0.0) -> ConfigDict:
+def _train(lr: float, batch: int, max_length: int, epochs: int = 1, weight_decay: float = 0.0,
+           warmup_ratio: float = 0.1) -> ConfigDict:
     return ConfigDict(dict(learning_rate=lr, batch_size=batch, num_micro_batches=1, max_length=max_length,
-                           warmup_ratio=0.1, weight_decay=weight_decay, epochs=epochs))
+                           warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs))
 
 
 def get_config(preset: str = "") -> ConfigDict:
@@ -40,13 +41,14 @@ def get_config(preset: str = "") -> ConfigDict:
                                   reward_model=8, base_rm_labels=8, heldout_eval=8))
     # The default is sized for a 2-core CPU (about 10 minutes): few prompts, short responses, one epoch.
     cfg.sampling = ConfigDict(dict(num_samples=4, temperature=0.8, top_p=0.95, max_new_tokens=48, batch_size=32))
-    cfg.dpo = _train(lr=5e-6, batch=8, max_length=256)
+    # So few steps cannot afford a warm-up from lr 0 (it would waste half of them): cosine from the peak.
+    cfg.dpo = _train(lr=1e-5, batch=8, max_length=256, warmup_ratio=0.0)
     cfg.dpo.loss_type = "dpo"  # dpo | ipo | hinge | simpo
     cfg.dpo.beta = 0.1
-    cfg.rm = _train(lr=2e-5, batch=8, max_length=256, weight_decay=0.001)
+    cfg.rm = _train(lr=5e-5, batch=8, max_length=256, weight_decay=0.001, warmup_ratio=0.0)
     # r0: trained on gold-labelled pairs of the base policy's samples (the "human" split); disable when
     # the reward-model source is already a trained RM (the paper's FsfairX).
-    cfg.base_rm = _train(lr=2e-5, batch=8, max_length=256, weight_decay=0.001)
+    cfg.base_rm = _train(lr=5e-5, batch=8, max_length=256, epochs=2, weight_decay=0.001, warmup_ratio=0.0)
     cfg.base_rm.enabled = True
     # rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only.
     # drop_truncated: leave responses that hit max_new_tokens out of pairs (off in the CPU default, whose
@@ -73,9 +75,9 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300)
         cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256)
         cfg.mt.drop_truncated = True
-        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6)
-        cfg.rm.update(batch_size=64, max_length=1024, epochs=1)
-        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1)
+        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1)
+        cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
+        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
         cfg.eval.num_samples = 4
     elif preset == "paper":
         cfg.policy.update(source="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16")

@@ -534,10 +534,18 @@ class MutualTaught:
                 policy.update(length_mean_tokens=float(tokens.mean()),
                               length_p95_tokens=float(np.percentile(tokens, 95)),
                               truncated_fraction=float(np.mean([not x.stopped for s in samples for x in s])))
-                score_fn = self.text_score_fn(rm_params)
-                base_texts = texts if t == 0 else [
-                    [r["text"] for r in group] for group in _group_rows(self.rd.read_jsonl("iter_0/eval/samples.jsonl"),
-                                                                        self.splits[split]["prompt_id"])]
+                order = self.splits[split]["prompt_id"]
+                base_rows = _group_rows(self.rd.read_jsonl("iter_0/eval/samples.jsonl"), order)
+                base_texts = [[r["text"] for r in group] for group in base_rows]
+                # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
+                # an EOS to truncated responses: not what the RM saw in training).
+                sampled_ids = {(p.prompt, text): (p_ids, list(x.ids))
+                               for p, p_ids, s, ts in zip(prompts, self.prompt_ids(split), samples, texts, strict=True)
+                               for x, text in zip(s, ts, strict=True)}
+                sampled_ids.update({(p.prompt, r["text"]): (p_ids, r["response_ids"])
+                                    for p, p_ids, group in zip(prompts, self.prompt_ids(split), base_rows, strict=True)
+                                    for r in group})
+                score_fn = self.text_score_fn(rm_params, sampled_ids)
                 rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts)
                 rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts)
                 metrics = {
@@ -573,12 +581,19 @@ class MutualTaught:
                           rm_self_training=summary.get("self_pairs", 0), rm_trained=summary.get("trained_pairs", 0))
         return counts
 
-    def text_score_fn(self, rm_params: Any) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+    def text_score_fn(self, rm_params: Any, known: Mapping[tuple[str, str], tuple[list[int], list[int]]]
+                      ) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
+        """A texts-in scorer for the evaluators; (prompt, response) pairs found in `known` are scored on
+        their sampled token ids, others are tokenised (chat template, response + EOS)."""
         tok = self.models.tokenizer
 
+        def ids(prompt: str, response: str) -> tuple[list[int], list[int]]:
+            if (prompt, response) in known:
+                return known[(prompt, response)]
+            return data.chat_prompt_ids(tok, prompt), data.response_ids(tok, response, self.models.eos_ids[0])
+
         def score_fn(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-            p_ids = [data.chat_prompt_ids(tok, p) for p in prompts]
-            r_ids = [data.response_ids(tok, r, self.models.eos_ids[0]) for r in responses]
+            p_ids, r_ids = zip(*(ids(p, r) for p, r in zip(prompts, responses, strict=True)), strict=True)
             return score_responses(self.models, rm_params, p_ids, r_ids, self.cfg.sampling.batch_size, self.mesh)
 
         return score_fn

@@ -202,3 +202,17 @@ def test_checkpoint_gate_continues_from_the_kept_policy(tmp_path):
                                 cfg.sampling.num_samples, cfg.sampling, run._seed("iter_2/e_step/samples.jsonl"),
                                 run.mesh)
     assert [[tuple(r["response_ids"]) for r in g] for g in stored] == [[s.ids for s in g] for g in again]
+
+
+def test_evaluation_scores_the_sampled_tokens_not_a_text_round_trip(reference_run):
+    """A truncated response has no EOS; re-tokenising its text would append one and change the reward."""
+    run, _ = reference_run
+    row = next(r for r in run.rd.read_jsonl("iter_1/eval/samples.jsonl") if not r["stopped"])
+    i = list(run.splits["heldout_eval"]["prompt_id"]).index(row["prompt_id"])
+    prompt_text, prompt_ids = run.splits["heldout_eval"]["prompt"][i], run.prompt_ids("heldout_eval")[i]
+    _, rm = run.params_at(1)
+    known = {(prompt_text, row["text"]): (prompt_ids, row["response_ids"])}
+    on_ids = em.score_responses(run.models, rm, [prompt_ids], [row["response_ids"]], 4)
+    np.testing.assert_array_equal(run.text_score_fn(rm, known)([prompt_text], [row["text"]]), on_ids)
+    round_trip = run.text_score_fn(rm, {})([prompt_text], [row["text"]])
+    assert not np.array_equal(round_trip, on_ids)
