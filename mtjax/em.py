@@ -424,10 +424,21 @@ class MutualTaught:
                 name: {"responses": sum(map(len, samples)), "tokens": tokens, "seconds": seconds,
                        "tokens_per_second": tokens / max(seconds, 1e-9),
                        "truncated": sum(not x.stopped for s in samples for x in s)}}}))
-        groups = _group_rows(self.rd.read_jsonl(path), self.splits[split]["prompt_id"])
+        groups = self.sample_rows(path, split)
         samples = [[Sample(tuple(r["response_ids"]), r["stopped"]) for r in group] for group in groups]
         rewards = [[r["reward"] for r in group] for group in groups]
         return samples, rewards
+
+    def sample_rows(self, path: str, split: str) -> list[list[dict]]:
+        """The stored rows of a samples file, grouped per prompt in the split's order."""
+        return _group_rows(self.rd.read_jsonl(path), self.splits[split]["prompt_id"])
+
+    def ids_by_text(self, split: str, groups: Sequence[Sequence[dict]]) -> dict[tuple[str, str], tuple[list, list]]:
+        """(prompt text, response text) -> (prompt ids, sampled response ids), for the text-based evaluators."""
+        return {(text, r["text"]): (p_ids, r["response_ids"])
+                for text, p_ids, group in zip(self.splits[split]["prompt"], self.prompt_ids(split), groups,
+                                              strict=True)
+                for r in group}
 
     # -- phases ------------------------------------------------------------------------------
 
@@ -441,22 +452,18 @@ class MutualTaught:
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "base_rm_labels"
-                samples, _ = self.samples(phase, "samples", self.models.policy_params, split,
-                                          self.cfg.sampling.num_samples)
-                texts = [[response_text(self.models.tokenizer, x) for x in s] for s in samples]
-                built = gold_preference_pairs(self.instruction_prompts(split), texts)
+                self.samples(phase, "samples", self.models.policy_params, split, self.cfg.sampling.num_samples)
+                rows = self.sample_rows(f"{phase}/samples.jsonl", split)
+                built = gold_preference_pairs(self.instruction_prompts(split),
+                                              [[r["text"] for r in group] for group in rows])
+                by_text = self.ids_by_text(split, rows)
                 pairs = PairSet([], [], [], Counter())
-                by_text = {}
-                for p_ids, per_prompt, per_texts, prompt in zip(self.prompt_ids(split), samples, texts,
-                                                                self.instruction_prompts(split), strict=True):
-                    for x, text in zip(per_prompt, per_texts, strict=True):
-                        by_text[(prompt.prompt, text)] = (p_ids, x)
                 for ex in built.pairs:
                     p_ids, chosen = by_text[(ex.prompt, ex.chosen)]
                     _, rejected = by_text[(ex.prompt, ex.rejected)]
                     pairs.prompts.append(p_ids)
-                    pairs.chosen.append(list(chosen.ids))
-                    pairs.rejected.append(list(rejected.ids))
+                    pairs.chosen.append(list(chosen))
+                    pairs.rejected.append(list(rejected))
                 pairs.counts.update(pairs=len(pairs), prompts_without_pair=built.num_prompts_without_pair,
                                     tied_pairs_skipped=built.num_tied_pairs_skipped)
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("gold"))
@@ -526,7 +533,8 @@ class MutualTaught:
                 sampling = ConfigDict({**self.cfg.sampling.to_dict(), "temperature": ev.temperature})
                 samples, _ = self.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
                 prompts = self.instruction_prompts(split)
-                texts = [[response_text(self.models.tokenizer, x) for x in s] for s in samples]
+                rows = self.sample_rows(f"{phase}/samples.jsonl", split)
+                texts = [[r["text"] for r in group] for group in rows]
                 flat_prompts = [p for p, s in zip(prompts, texts, strict=True) for _ in s]
                 policy = evaluate_instruction_following(flat_prompts, responses=[x for s in texts for x in s],
                                                         progress=False)
@@ -534,18 +542,12 @@ class MutualTaught:
                 policy.update(length_mean_tokens=float(tokens.mean()),
                               length_p95_tokens=float(np.percentile(tokens, 95)),
                               truncated_fraction=float(np.mean([not x.stopped for s in samples for x in s])))
-                order = self.splits[split]["prompt_id"]
-                base_rows = _group_rows(self.rd.read_jsonl("iter_0/eval/samples.jsonl"), order)
+                base_rows = self.sample_rows("iter_0/eval/samples.jsonl", split)
                 base_texts = [[r["text"] for r in group] for group in base_rows]
                 # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
                 # an EOS to truncated responses: not what the RM saw in training).
-                sampled_ids = {(p.prompt, text): (p_ids, list(x.ids))
-                               for p, p_ids, s, ts in zip(prompts, self.prompt_ids(split), samples, texts, strict=True)
-                               for x, text in zip(s, ts, strict=True)}
-                sampled_ids.update({(p.prompt, r["text"]): (p_ids, r["response_ids"])
-                                    for p, p_ids, group in zip(prompts, self.prompt_ids(split), base_rows, strict=True)
-                                    for r in group})
-                score_fn = self.text_score_fn(rm_params, sampled_ids)
+                score_fn = self.text_score_fn(rm_params, {**self.ids_by_text(split, rows),
+                                                          **self.ids_by_text(split, base_rows)})
                 rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts)
                 rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts)
                 metrics = {
@@ -624,9 +626,8 @@ class MutualTaught:
         phase = f"iter_{t}/gate"
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                order = self.splits["heldout_eval"]["prompt_id"]
-                new = _group_rows(self.rd.read_jsonl(f"iter_{t}/eval/samples.jsonl"), order)
-                old = _group_rows(self.rd.read_jsonl(f"iter_{kept}/eval/samples.jsonl"), order)
+                new = self.sample_rows(f"iter_{t}/eval/samples.jsonl", "heldout_eval")
+                old = self.sample_rows(f"iter_{kept}/eval/samples.jsonl", "heldout_eval")
                 prompts = self.prompt_ids("heldout_eval")
                 pairs = [(p, a["response_ids"], b["response_ids"])
                          for p, na, ob in zip(prompts, new, old, strict=True) for a, b in zip(na, ob, strict=True)]

@@ -197,7 +197,7 @@ def test_checkpoint_gate_continues_from_the_kept_policy(tmp_path):
     assert gate_1["accepted"] == (gate_1["win_rate"] >= 1.0) and gate_1["against_iteration"] == 0
     kept = 1 if gate_1["accepted"] else 0
     assert run.rd.summary("iter_2/gate")["against_iteration"] == kept
-    stored = em._group_rows(run.rd.read_jsonl("iter_2/e_step/samples.jsonl"), run.splits["policy_2"]["prompt_id"])
+    stored = run.sample_rows("iter_2/e_step/samples.jsonl", "policy_2")
     again = em.sample_responses(run.models, run.params_at(kept)[0], run.prompt_ids("policy_2"),
                                 cfg.sampling.num_samples, cfg.sampling, run._seed("iter_2/e_step/samples.jsonl"),
                                 run.mesh)
