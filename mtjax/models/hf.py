@@ -2,11 +2,13 @@
 
 One table maps every HF tensor name to its place in the Flax tree and says how to reshape it;
 import and export both read the same table. Everything else (GGUF, reward heads grown from
-causal-LM checkpoints) goes through `params_from_hf_tensors`.
+causal-LM checkpoints) goes through `params_from_hf_tensors`; `load_hf(..., mesh=...)` streams
+each shard of each param from the safetensors files with the same table (`_Layout.hf_slice`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,9 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding
 
 from mtjax.models.config import ModelConfig, config_from_hf, config_to_hf
 from mtjax.models.llama import CausalLM, RewardModel
+from mtjax.sharding import LLAMA_PARTITION_RULES, PartitionRules, tree_shardings
 
 Model = CausalLM | RewardModel
 HEADS = ("causal_lm", "reward")
@@ -30,26 +34,98 @@ HEADS = ("causal_lm", "reward")
 # ----------------------------------------------------------------------------- the mapping table
 
 
-def _heads_in(n_heads: Callable[[ModelConfig], int]):
-    """HF `[N*H, D]` projection ↔ Flax `[D, N, H]` kernel."""
-    to_flax = lambda w, c: w.T.reshape(w.shape[1], n_heads(c), c.head_dim)
-    to_hf = lambda k, c: k.reshape(k.shape[0], -1).T
-    return to_flax, to_hf
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one HF tensor becomes a Flax param: optionally transposed (2-D), then one axis split into
+    `(heads, head_dim)`. Import, export and the sharded reader all derive from these two fields."""
+
+    transpose: bool = False
+    split: tuple[int, Callable[[ModelConfig], int]] | None = None  # (axis after transposing, number of heads)
+
+    def _split_sizes(self, cfg: ModelConfig) -> tuple[int, int, int]:
+        axis, n_heads = self.split
+        return axis, n_heads(cfg), cfg.head_dim
+
+    def flax_shape(self, hf_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...] | None:
+        """The Flax shape `to_flax` gives for an HF tensor of `hf_shape` (None: it cannot be reshaped)."""
+        shape = tuple(reversed(hf_shape)) if self.transpose else tuple(hf_shape)
+        if self.split is None:
+            return shape
+        axis, n, h = self._split_sizes(cfg)
+        if len(shape) <= axis or shape[axis] != n * h:
+            return None
+        return shape[:axis] + (n, h) + shape[axis + 1:]
+
+    def to_flax(self, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        w = w.T if self.transpose else w
+        if self.split is None:
+            return w
+        axis, n, h = self._split_sizes(cfg)
+        return w.reshape(w.shape[:axis] + (n, h) + w.shape[axis + 1:])
+
+    def to_hf(self, k: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+        if self.split is not None:
+            axis = self.split[0]
+            k = k.reshape(k.shape[:axis] + (-1,) + k.shape[axis + 2:])
+        return k.T if self.transpose else k
+
+    def hf_slice(self, index: tuple[slice, ...], flax_shape: tuple[int, ...],
+                 cfg: ModelConfig) -> tuple[tuple[slice, ...], Callable[[np.ndarray], np.ndarray]]:
+        """The block of the HF tensor that holds the Flax slice `index`, and how to turn it into that slice.
+
+        The block is exactly the requested elements when the split axis is read in whole heads (all
+        partition rules shard heads, never head_dim) or within one head. A slice over several heads
+        and part of head_dim reads those whole heads, then cuts head_dim after reshaping.
+        """
+        index = tuple(index) + (slice(None),) * (len(flax_shape) - len(index))
+        bounds = []
+        for s, dim in zip(index, flax_shape, strict=True):
+            start, stop, step = s.indices(dim)
+            if step != 1:
+                raise ValueError(f"strided slice {s} is not supported")
+            bounds.append((start, stop))
+        hf_axes = [slice(a, b) for a, b in bounds]
+        rest = [slice(None)] * len(bounds)
+        split_shape = None
+        if self.split is not None:
+            axis, _, h = self._split_sizes(cfg)
+            (n0, n1), (h0, h1) = bounds[axis], bounds[axis + 1]
+            if (h0, h1) == (0, h):
+                merged, split_shape = slice(n0 * h, n1 * h), (n1 - n0, h)
+            elif n1 - n0 == 1:
+                merged, split_shape = slice(n0 * h + h0, n0 * h + h1), (1, h1 - h0)
+            else:
+                merged, split_shape = slice(n0 * h, n1 * h), (n1 - n0, h)
+                rest[axis + 1] = slice(h0, h1)
+            hf_axes[axis: axis + 2] = [merged]
+
+        def finish(block: np.ndarray) -> np.ndarray:
+            block = block.T if self.transpose else block
+            if split_shape is not None:
+                axis = self.split[0]
+                block = block.reshape(block.shape[:axis] + split_shape + block.shape[axis + 1:])
+            return block[tuple(rest)]
+
+        return tuple(reversed(hf_axes)) if self.transpose else tuple(hf_axes), finish
 
 
-def _head_bias(n_heads: Callable[[ModelConfig], int]):
-    return (lambda b, c: b.reshape(n_heads(c), c.head_dim)), (lambda b, c: b.reshape(-1))
-
-
-_COPY = (lambda x, c: x), (lambda x, c: x)
-_TRANSPOSE = (lambda x, c: x.T), (lambda x, c: x.T)
-_O_PROJ = (
-    lambda w, c: w.T.reshape(c.num_heads, c.head_dim, w.shape[0]),  # [D, N*H] -> [N, H, D]
-    lambda k, c: k.reshape(-1, k.shape[-1]).T,
-)
 _Q, _KV = (lambda c: c.num_heads), (lambda c: c.num_kv_heads)
+_COPY = _Layout()
+_TRANSPOSE = _Layout(transpose=True)
+_O_PROJ = _Layout(transpose=True, split=(0, _Q))  # HF [D, N*H] -> Flax [N, H, D]
 
-# (HF name, Flax path, (to_flax, to_hf)); "{i}" is the layer number.
+
+def _heads_in(n_heads: Callable[[ModelConfig], int]) -> _Layout:
+    """HF `[N*H, D]` projection -> Flax `[D, N, H]` kernel."""
+    return _Layout(transpose=True, split=(1, n_heads))
+
+
+def _head_bias(n_heads: Callable[[ModelConfig], int]) -> _Layout:
+    """HF `[N*H]` -> Flax `[N, H]`."""
+    return _Layout(split=(0, n_heads))
+
+
+# (HF name, Flax path, layout); "{i}" is the layer number.
 _TABLE = [
     ("model.embed_tokens.weight", "model/embed_tokens/embedding", _COPY),
     ("model.norm.weight", "model/norm/scale", _COPY),
@@ -82,15 +158,14 @@ class _Row:
     hf_template: str
     flax: re.Pattern
     flax_template: str
-    to_flax: Callable
-    to_hf: Callable
+    layout: _Layout
 
 
 def _compile(template: str) -> re.Pattern:
     return re.compile("^" + re.escape(template).replace(re.escape("{i}"), r"(\d+)") + "$")
 
 
-_ROWS = [_Row(_compile(h), h, _compile(f), f, tf, th) for h, f, (tf, th) in _TABLE]
+_ROWS = [_Row(_compile(h), h, _compile(f), f, layout) for h, f, layout in _TABLE]
 
 
 def _match(name: str, side: str) -> tuple[_Row, str | None] | None:
@@ -136,47 +211,73 @@ def init_score_head(cfg: ModelConfig, seed: int) -> np.ndarray:
     return np.asarray(0.02 * jax.random.normal(key, (cfg.hidden_size, cfg.num_labels), jnp.float32))
 
 
+class _Placement:
+    """Where the tensors of one checkpoint go in `model`'s param tree: the single place that skips,
+    maps and shape-checks HF names, and names what is unexpected or missing. Shared by the eager
+    (`params_from_hf_tensors`) and the streaming (`params_from_safetensors_sharded`) loaders."""
+
+    def __init__(self, model: Model, source: str):
+        self.cfg = model.cfg
+        self.source = source
+        self.expected = param_shapes(model)
+        self.unexpected: list[str] = []
+
+    def place(self, hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, _Layout] | None:
+        """`(flax path, layout)` for a tensor to load, None for one to skip (unexpected ones are noted)."""
+        if _IGNORED_HF.match(hf_name):
+            return None
+        found = _match(hf_name, "hf")
+        if found is None:
+            self.unexpected.append(hf_name)
+            return None
+        row, layer = found
+        path = row.flax_template.replace("{i}", layer or "")
+        if path not in self.expected:
+            if not path.startswith(("lm_head/", "score/")):  # else: the other head's weights
+                self.unexpected.append(hf_name)
+            return None
+        mapped = row.layout.flax_shape(tuple(hf_shape), self.cfg)
+        if mapped != self.expected[path].shape:
+            raise ValueError(
+                f"{self.source}: tensor {hf_name!r} has shape {tuple(hf_shape)}, which maps to "
+                f"{mapped if mapped is not None else 'no valid shape'} for {path}, but the config expects "
+                f"{self.expected[path].shape}; config.json and the weights disagree"
+            )
+        return path, row.layout
+
+    def check_complete(self, loaded: Iterable[str]) -> bool:
+        """Raises on unexpected or missing tensors; True when a seeded `score` head must be added."""
+        if self.unexpected:
+            raise ValueError(f"{self.source}: tensors not part of a {self.cfg.model_type} model: "
+                             f"{sorted(self.unexpected)[:10]}")
+        loaded = set(loaded)
+        new_score = "score/kernel" in self.expected and "score/kernel" not in loaded
+        missing = sorted(set(self.expected) - loaded - ({"score/kernel"} if new_score else set()))
+        if missing:
+            raise ValueError(f"{self.source}: missing tensors for {missing[:10]} (of {len(missing)}); "
+                             "is the checkpoint complete and of the right architecture?")
+        return new_score
+
+    def score_head(self, seed: int) -> jax.Array:
+        return jnp.asarray(init_score_head(self.cfg, seed), dtype=jnp.dtype(self.cfg.param_dtype))
+
+
 def params_from_hf_tensors(model: Model, tensors: Iterable[tuple[str, np.ndarray]], *, source: str,
                            seed: int = 0) -> dict:
     """Converts `(hf_name, array)` pairs into the Flax param tree of `model`, checking every shape.
 
     A reward model built from a causal-LM checkpoint drops `lm_head` and gets a seeded `score` head.
     """
-    cfg = model.cfg
-    expected = param_shapes(model)
-    pdtype = jnp.dtype(cfg.param_dtype)
+    placement = _Placement(model, source)
+    pdtype = jnp.dtype(model.cfg.param_dtype)
     flat: dict[str, jax.Array] = {}
-    unexpected = []
     for hf_name, array in tensors:
-        if _IGNORED_HF.match(hf_name):
-            continue
-        found = _match(hf_name, "hf")
-        if found is None:
-            unexpected.append(hf_name)
-            continue
-        row, layer = found
-        path = row.flax_template.replace("{i}", layer or "")
-        if path not in expected:
-            if path.startswith(("lm_head/", "score/")):
-                continue  # the other head's weights (e.g. lm_head when building a reward model)
-            unexpected.append(hf_name)
-            continue
-        value = row.to_flax(np.asarray(array), cfg)
-        if value.shape != expected[path].shape:
-            raise ValueError(
-                f"{source}: tensor {hf_name!r} has shape {tuple(np.shape(array))}, which maps to "
-                f"{value.shape} for {path}, but the config expects {expected[path].shape}; "
-                "config.json and the weights disagree"
-            )
-        flat[path] = jnp.asarray(value, dtype=pdtype)
-    if unexpected:
-        raise ValueError(f"{source}: tensors not part of a {cfg.model_type} model: {sorted(unexpected)[:10]}")
-    if "score/kernel" in expected and "score/kernel" not in flat:
-        flat["score/kernel"] = jnp.asarray(init_score_head(cfg, seed), dtype=pdtype)
-    missing = sorted(set(expected) - set(flat))
-    if missing:
-        raise ValueError(f"{source}: missing tensors for {missing[:10]} (of {len(missing)}); "
-                         "is the checkpoint complete and of the right architecture?")
+        target = placement.place(hf_name, np.shape(array))
+        if target is not None:
+            path, layout = target
+            flat[path] = jnp.asarray(layout.to_flax(np.asarray(array), model.cfg), dtype=pdtype)
+    if placement.check_complete(flat):
+        flat["score/kernel"] = placement.score_head(seed)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
@@ -186,7 +287,7 @@ def params_to_hf_tensors(model: Model, params: Mapping) -> Iterator[tuple[str, n
         if found is None:
             raise ValueError(f"parameter {path!r} has no HF name; is this an mtjax model's param tree?")
         row, layer = found
-        yield row.hf_template.replace("{i}", layer or ""), row.to_hf(np.asarray(value), model.cfg)
+        yield row.hf_template.replace("{i}", layer or ""), row.layout.to_hf(np.asarray(value), model.cfg)
 
 
 # ----------------------------------------------------------------------------- safetensors files
@@ -214,17 +315,90 @@ def _safetensor_files(path: Path) -> list[Path]:
     return files
 
 
+@contextlib.contextmanager
+def _reading(f: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise ValueError(f"{f}: could not read safetensors file ({type(e).__name__}: {e}); "
+                         "is it truncated or corrupt?") from e
+
+
 def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
     from safetensors import safe_open
 
     for f in files:
-        try:
-            with safe_open(str(f), framework="numpy") as handle:  # host memory; bf16 via ml_dtypes
-                for name in handle.keys():
-                    yield name, handle.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"{f}: could not read safetensors file ({type(e).__name__}: {e}); "
-                             "is it truncated or corrupt?") from e
+        with _reading(f), safe_open(str(f), framework="numpy") as handle:  # host memory; bf16 via ml_dtypes
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def _read_slice(handle: Any, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """Reads `tensor[index]` from an open safetensors file, and nothing more (the only read of the
+    streaming loader; tests wrap it to count what is read)."""
+    return handle.get_slice(name)[index]
+
+
+def _sharded_array(shape: tuple[int, ...], sharding: NamedSharding, dtype: Any,
+                   read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """A global array built shard by shard: `read(index)` is called once per distinct index among this
+    process's devices (replicas share the block), and only for addressable devices."""
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def callback(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = np.ascontiguousarray(read(index), dtype=dtype)
+        return blocks[key]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, callback, dtype=dtype)
+
+
+def params_from_safetensors_sharded(model: Model, files: list[Path], mesh: Mesh,
+                                    rules: PartitionRules = LLAMA_PARTITION_RULES, *, source: str,
+                                    seed: int = 0) -> dict:
+    """Like `params_from_hf_tensors` on safetensors `files`, but every param is created directly with
+    its NamedSharding from `rules` on `mesh`: each device's shard is read from the file as a slice
+    (`safe_open(...).get_slice(name)[...]`), transformed and cast to the param dtype on its own.
+    Nothing beyond the requested shards is read (`_Layout.hf_slice` maps every shard the partition
+    rules make to one block of the file; only replicated params, e.g. norms, are read whole). Host
+    memory holds at most one param's local shards at a time, the full model never sits on one
+    device, and in a multi-process run each process reads only the shards of its own devices.
+    """
+    from safetensors import safe_open
+
+    cfg = model.cfg
+    placement = _Placement(model, source)
+    pdtype = jnp.dtype(cfg.param_dtype)
+    shardings = traverse_util.flatten_dict(
+        tree_shardings(traverse_util.unflatten_dict(placement.expected, sep="/"), mesh, rules), sep="/")
+    with contextlib.ExitStack() as stack:
+        sources: dict[str, tuple[Path, Any, str, _Layout]] = {}
+        for f in files:
+            with _reading(f):
+                handle = stack.enter_context(safe_open(str(f), framework="numpy"))
+                entries = [(name, tuple(handle.get_slice(name).get_shape())) for name in handle.keys()]
+            for name, hf_shape in entries:
+                target = placement.place(name, hf_shape)
+                if target is not None:
+                    sources[target[0]] = (f, handle, name, target[1])
+        new_score = placement.check_complete(sources)
+
+        def reader(f: Path, handle: Any, name: str, layout: _Layout, shape: tuple[int, ...]):
+            def read(index: tuple[slice, ...]) -> np.ndarray:
+                hf_index, finish = layout.hf_slice(index, shape, cfg)
+                with _reading(f):
+                    block = _read_slice(handle, name, hf_index)
+                return finish(block)
+            return read
+
+        flat = {path: _sharded_array(placement.expected[path].shape, shardings[path], pdtype,
+                                     reader(*src, placement.expected[path].shape))
+                for path, src in sources.items()}
+    if new_score:
+        head = np.asarray(placement.score_head(seed))  # [D, num_labels]: small, made whole on the host
+        flat["score/kernel"] = _sharded_array(head.shape, shardings["score/kernel"], pdtype, head.__getitem__)
+    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def read_hf_config(path: str | os.PathLike) -> dict:
@@ -247,7 +421,8 @@ def _head_from_architectures(hf: Mapping) -> str:
 
 
 def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None, head: str | None = None,
-            seed: int = 0, **config_overrides: Any) -> tuple[Model, dict]:
+            seed: int = 0, mesh: Mesh | None = None, rules: PartitionRules = LLAMA_PARTITION_RULES,
+            **config_overrides: Any) -> tuple[Model, dict]:
     """Loads a transformers Llama/Mistral checkpoint directory as `(model, params)`.
 
     Args:
@@ -255,6 +430,11 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
       dtype: compute dtype. param_dtype: storage dtype of the params (default: `dtype`).
       head: 'causal_lm' or 'reward'; default from the checkpoint's `architectures`. Asking for
         'reward' on a causal-LM checkpoint builds a reward model with a new score head seeded by `seed`.
+      mesh: if given, every param is streamed from the files straight into its shards on `mesh`
+        (laid out by `rules`, as `mtjax.sharding.shard_params` would place it); each device's
+        shard is read as a slice of its tensor, so the whole model is never on one device or
+        (for one tensor) in host memory. Values equal the eager load exactly.
+      rules: partition rules for `mesh` (default: `LLAMA_PARTITION_RULES`).
       config_overrides: extra ModelConfig fields, e.g. `remat=True`, `attention_impl='cudnn'`.
     """
     path = Path(path)
@@ -263,7 +443,11 @@ def load_hf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any 
     cfg = config_from_hf(hf, dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype or dtype),
                          **config_overrides)
     model = make_model(cfg, head)
-    params = params_from_hf_tensors(model, _read_safetensors(_safetensor_files(path)), source=str(path), seed=seed)
+    files = _safetensor_files(path)
+    if mesh is None:
+        params = params_from_hf_tensors(model, _read_safetensors(files), source=str(path), seed=seed)
+    else:
+        params = params_from_safetensors_sharded(model, files, mesh, rules, source=str(path), seed=seed)
     return model, params
 
 
