@@ -55,8 +55,11 @@ def get_config(preset: str = "") -> ConfigDict:
     # 48-token budget truncates most of SmolLM2's answers; every truncated response is still counted).
     # gate_win_rate τ (unset = no gate): after iteration t, keep π_t only if r_t prefers its held-out
     # responses to the kept policy's at a rate ≥ τ; otherwise the next iteration starts from the kept one.
+    # policy_prompts: own (D_t) | with_rm (D_t plus a 1/T share of D_R, for the RM-frozen baselines).
+    # schedule: iterative | offline (one DPO round from π0 on all training prompts, scored by r0).
     cfg.mt = ConfigDict(dict(rm_update="mutual", drop_truncated=False, contrastive_filter=False,
-                             gate_win_rate=config_dict.placeholder(float)))
+                             gate_win_rate=config_dict.placeholder(float), policy_prompts="own",
+                             schedule="iterative"))
     # Held-out evaluation: num_samples responses per prompt (gold reward, IFEval accuracies, and RM
     # accuracy on the gold-labelled pairs among them).
     cfg.eval = ConfigDict(dict(num_samples=4, temperature=0.8))

@@ -35,6 +35,12 @@ from mtjax import data
 from mtjax.rundir import RunDir
 
 RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
+# Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
+# of D_R ("with_rm": the paper's baselines get the RM's prompts too, so every arm sees as many).
+POLICY_PROMPTS = ("own", "with_rm")
+# "iterative": T rounds; "offline": one DPO round from π0 on every training prompt (D_1..D_T and D_R)
+# scored by r0, RM untouched: single-round offline DPO, the baseline with no iteration at all.
+SCHEDULES = ("iterative", "offline")
 
 
 # ----------------------------------------------------------------------------- models
@@ -296,6 +302,10 @@ def validate_config(cfg: ConfigDict) -> None:
         problems.append(f"iterations={cfg.iterations} must be >= 1")
     if cfg.mt.rm_update not in RM_UPDATES:
         problems.append(f"mt.rm_update={cfg.mt.rm_update!r} must be one of {RM_UPDATES}")
+    if cfg.mt.policy_prompts not in POLICY_PROMPTS:
+        problems.append(f"mt.policy_prompts={cfg.mt.policy_prompts!r} must be one of {POLICY_PROMPTS}")
+    if cfg.mt.schedule not in SCHEDULES:
+        problems.append(f"mt.schedule={cfg.mt.schedule!r} must be one of {SCHEDULES}")
     if cfg.sampling.num_samples < 2:
         problems.append(f"sampling.num_samples={cfg.sampling.num_samples} must be >= 2 to form pairs")
     if not 0.0 < cfg.sampling.top_p <= 1.0:
@@ -339,6 +349,29 @@ class MutualTaught:
         self.models = load_models(cfg)
         self.splits = self._prompt_splits()
         self._prompt_ids: dict[str, list[list[int]]] = {}
+
+    @property
+    def iterations(self) -> range:
+        return range(1, 2 if self.cfg.mt.schedule == "offline" else self.cfg.iterations + 1)
+
+    def policy_split(self, t: int) -> str:
+        """The prompt split of iteration t's E-step (see POLICY_PROMPTS and SCHEDULES); derived splits
+        are concatenations of recorded ones, built on first use."""
+        import datasets
+
+        mt, T = self.cfg.mt, self.cfg.iterations
+        if mt.schedule == "offline":
+            name, parts = "all_training", [self.splits[f"policy_{s}"] for s in range(1, T + 1)]
+            parts.append(self.splits["reward_model"])
+        elif mt.policy_prompts == "with_rm":
+            rm = self.splits["reward_model"]
+            lo, hi = (t - 1) * len(rm) // T, t * len(rm) // T
+            name, parts = f"policy_{t}_with_rm", [self.splits[f"policy_{t}"], rm.select(range(lo, hi))]
+        else:
+            return f"policy_{t}"
+        if name not in self.splits:
+            self.splits[name] = datasets.concatenate_datasets(parts)
+        return name
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -477,7 +510,7 @@ class MutualTaught:
         phase = f"iter_{t}/e_step"
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                split = f"policy_{t}"
+                split = self.policy_split(t)
                 samples, rewards = self.samples(phase, "samples", policy_params, split, self.cfg.sampling.num_samples,
                                                 rm_params=rm_params)
                 pairs = length_controlled_pairs(self.prompt_ids(split), samples, rewards, self.cfg.mt.drop_truncated)
@@ -491,7 +524,7 @@ class MutualTaught:
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:
         phase = f"iter_{t}/m_step"
         cfg = self.cfg.mt
-        if cfg.rm_update == "frozen":
+        if cfg.rm_update == "frozen" or cfg.schedule == "offline":
             return rm_params
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
@@ -608,7 +641,7 @@ class MutualTaught:
         policy, rm = self.models.policy_params, base_rm
         results = [self.evaluate(0, policy, rm)]
         kept = 0  # the iteration whose policy the loop continues from
-        for t in range(1, self.cfg.iterations + 1):
+        for t in self.iterations:
             new_policy = self.e_step(t, policy, rm)
             rm = self.m_step(t, policy, new_policy, rm, base_rm)
             results.append(self.evaluate(t, new_policy, rm))
@@ -616,8 +649,6 @@ class MutualTaught:
                 policy, kept = new_policy, t
         self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
                                             "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
-        self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
-                                            "phase_seconds": self.phase_seconds()})
         return results
 
     def gate(self, t: int, kept: int, rm_params: Any) -> bool:
@@ -642,8 +673,8 @@ class MutualTaught:
 
     def params_at(self, t: int) -> tuple[Any, Any]:
         """(π_t, r_t) from the run directory; r_t is the latest RM at or before t (frozen runs keep r0)."""
-        if t < 0 or t > self.cfg.iterations:
-            raise ValueError(f"iteration {t} is outside 0..{self.cfg.iterations} of this run")
+        if t < 0 or t > self.iterations[-1]:
+            raise ValueError(f"iteration {t} is outside 0..{self.iterations[-1]} of this run")
         if t > 0 and not self.rd.done(f"iter_{t}/e_step"):
             raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished: {self.rd.completed()})")
         policy = self.models.policy_params if t == 0 else self.rd.load_params(f"iter_{t}/policy",
@@ -659,6 +690,26 @@ class MutualTaught:
     def phase_seconds(self) -> dict[str, float]:
         """Wall time of each finished phase (as first run; a resumed phase keeps its original time)."""
         return {phase: self.rd.summary(phase).get("wall_seconds", float("nan")) for phase in self.rd.completed()}
+
+
+# Phases whose outputs do not depend on the `mt` section (and their files): arms of an ablation that
+# differ only there can share them instead of recomputing r0 and the base policy's evaluation.
+SHARED_PHASES = {"prompts": ("prompts",), "base_rm": ("base_rm",), "iter_0/eval": ("iter_0/eval", "eval/iter_0.json")}
+
+
+def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
+    """Starts run `workdir` (config `cfg`) from the finished `SHARED_PHASES` of run `source`; returns the
+    phases taken. Refuses when the two configs differ outside `mt` (then the phases would differ)."""
+    from mtjax.rundir import ConfigMismatchError, RunDir, config_changes
+
+    theirs = RunDir.read_config(source)
+    changes = [c for c in config_changes(theirs, cfg.to_dict()) if not c.startswith("mt.")]
+    if changes:
+        raise ConfigMismatchError(f"cannot share phases of {source}: configs differ outside `mt`: {'; '.join(changes)}")
+    src, dst = RunDir(source, theirs), RunDir(workdir, cfg.to_dict())
+    phases = {name: files for name, files in SHARED_PHASES.items() if src.done(name) and not dst.done(name)}
+    dst.adopt_phases(src, phases)
+    return list(phases)
 
 
 def load_prompt_texts(source: str, split: str, column: str) -> list[str]:

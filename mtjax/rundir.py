@@ -39,6 +39,11 @@ def _canonical(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, indent=2, default=str)
 
 
+def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """`key.path: old -> new` for every leaf that differs between two nested configs (as saved in JSON)."""
+    return _diff(json.loads(_canonical(old)), json.loads(_canonical(new)))
+
+
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
@@ -58,7 +63,7 @@ class RunDir:
         canonical = _canonical(config)
         if config_file.exists():
             saved = json.loads(config_file.read_text())
-            changes = _diff(saved, json.loads(canonical))
+            changes = config_changes(saved, json.loads(canonical))
             if changes and not allow_config_change:
                 raise ConfigMismatchError(
                     f"{self.path} was written by a different config ({len(changes)} change(s): "
@@ -66,6 +71,13 @@ class RunDir:
                     "with the new config anyway."
                 )
         _atomic_write_text(config_file, canonical + "\n")
+
+    @staticmethod
+    def read_config(path: str | os.PathLike) -> dict:
+        file = Path(path) / "config.json"
+        if not file.exists():
+            raise FileNotFoundError(f"{path} is not a run directory (no config.json)")
+        return json.loads(file.read_text())
 
     # -- phases -------------------------------------------------------------------------------
 
@@ -90,6 +102,21 @@ class RunDir:
         phases = [p for p in self._phases() if p["name"] != phase]
         phases.append({"name": phase, "summary": dict(summary or {})})
         _atomic_write_text(self.path / "phases.json", json.dumps(phases, indent=2, default=float) + "\n")
+
+    def adopt_phases(self, other: RunDir, phases: Mapping[str, Iterable[str]]) -> None:
+        """Copies finished phases of `other` (phase -> its files and folders) with their metrics rows, then
+        records them done with their original summaries: as if this run had computed them."""
+        for name, paths in phases.items():
+            for rel in paths:
+                src, dst = other.file(rel), self.file(rel)
+                if dst.exists():
+                    shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+            for row in other.metrics():
+                if row.get("phase") == name:
+                    self.log_metrics(row)
+            self.mark_done(name, other.summary(name))
 
     # -- artifacts ----------------------------------------------------------------------------
 

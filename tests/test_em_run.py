@@ -216,3 +216,41 @@ def test_evaluation_scores_the_sampled_tokens_not_a_text_round_trip(reference_ru
     np.testing.assert_array_equal(run.text_score_fn(rm, known)([prompt_text], [row["text"]]), on_ids)
     round_trip = run.text_score_fn(rm, {})([prompt_text], [row["text"]])
     assert not np.array_equal(round_trip, on_ids)
+
+
+@pytest.mark.parametrize("arm", ["frozen_with_rm_prompts", "offline"])
+def test_baseline_arms_share_the_base_phases_and_see_every_prompt(arm, reference_run, tmp_path):
+    """The ablation arms start from the mutual run's prompts, r0 and iteration-0 evaluation, and the
+    RM-frozen baselines train the policy on the RM's prompts too (as in the paper)."""
+    ref, _ = reference_run
+    if arm == "offline":
+        cfg = tiny_config(rm_update="frozen", schedule="offline")
+    else:
+        cfg = tiny_config(rm_update="frozen", policy_prompts="with_rm")
+    assert em.share_base_phases(str(ref.rd.path), cfg, str(tmp_path)) == list(em.SHARED_PHASES)
+    run = MutualTaught(cfg, str(tmp_path))
+    run.run()
+    p = cfg.prompts
+    if arm == "offline":  # one round on D_1 ∪ D_2 ∪ D_R
+        assert run.rd.completed() == PHASES[:4] + ["iter_1/eval"]
+        expected = {1: sum(p.policy) + p.reward_model}
+    else:  # D_t plus half of D_R each
+        assert "iter_1/m_step" not in run.rd.completed() and "iter_2/eval" in run.rd.completed()
+        expected = {1: p.policy[0] + p.reward_model // 2, 2: p.policy[1] + p.reward_model - p.reward_model // 2}
+    for t, n in expected.items():
+        summary = run.rd.summary(f"iter_{t}/e_step")
+        assert summary["pairs"] + sum(v for k, v in summary.items() if k.startswith("skipped_")) == n
+    assert_trees_equal(run.params_at(0)[1], ref.params_at(0)[1])  # the same r0, not retrained
+    assert run.rd.summary("base_rm") == ref.rd.summary("base_rm")
+    assert [r for r in run.rd.metrics() if r["phase"] == "base_rm"] == \
+        [r for r in ref.rd.metrics() if r["phase"] == "base_rm"]
+
+
+def test_sharing_phases_refuses_a_config_differing_outside_mt(reference_run, tmp_path):
+    from mtjax.rundir import ConfigMismatchError
+
+    ref, _ = reference_run
+    cfg = tiny_config(rm_update="frozen")
+    cfg.dpo.beta = 0.5
+    with pytest.raises(ConfigMismatchError, match=r"dpo\.beta"):
+        em.share_base_phases(str(ref.rd.path), cfg, str(tmp_path))
