@@ -71,10 +71,13 @@ def tiny_model_config(vocab_size: int, **overrides):
     return ModelConfig(**{**base, **overrides})
 
 
-def load_models(cfg: ConfigDict) -> Models:
+def load_models(cfg: ConfigDict, mesh=None) -> Models:
     """π0 and the RM's starting point from `cfg.policy.source` / `cfg.reward_model.source`:
-    'smollm2' (offline GGUF), 'tiny' (random tiny Llama on SmolLM2's tokenizer) or an HF directory."""
+    'smollm2' (offline GGUF), 'tiny' (random tiny Llama on SmolLM2's tokenizer) or an HF directory.
+    With a `mesh`, params are placed on it by the partition rules; an HF checkpoint is then streamed
+    shard by shard (no host or device ever holds a whole model)."""
     from mtjax.models import load_gguf_tokenizer, load_hf, load_smollm2, make_model, smollm2_gguf_path
+    from mtjax.sharding import shard_params
 
     def load(section: ConfigDict, head: str, seed: int):
         # Compute in `dtype`, keep float32 master weights (`param_dtype`), optional remat per block.
@@ -95,11 +98,13 @@ def load_models(cfg: ConfigDict) -> Models:
             return model, params, tokenizer
         from transformers import AutoTokenizer
 
-        model, params = load_hf(section.source, head=head, seed=seed, **options)
+        model, params = load_hf(section.source, head=head, seed=seed, mesh=mesh, **options)
         return model, params, AutoTokenizer.from_pretrained(section.source)
 
     policy, policy_params, tokenizer = load(cfg.policy, "causal_lm", cfg.seed)
     reward, reward_params, _ = load(cfg.reward_model, "reward", cfg.reward_model.head_seed)
+    if mesh is not None:
+        policy_params, reward_params = shard_params(policy_params, mesh), shard_params(reward_params, mesh)
     return Models(policy, reward, tokenizer, policy_params, reward_params)
 
 
@@ -217,12 +222,15 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 
 
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
-               total: int, desc: str, log: Callable[[dict], None]) -> tuple[Any, list[dict]]:
+               total: int, desc: str, log: Callable[[dict], None], mesh) -> tuple[Any, list[dict]]:
+    from mtjax.distributed import is_primary
+    from mtjax.sharding import shard_global_batch
+
     history = []
-    with tqdm(total=total, desc=desc, unit="step") as bar:
+    with tqdm(total=total, desc=desc, unit="step", disable=not is_primary()) as bar:
         for epoch in range(epochs):
             for batch in batches_per_epoch(epoch):
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, shard_global_batch(batch, mesh))
                 row = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 history.append(row)
                 log({"step": len(history), "epoch": epoch, "train": row})
@@ -263,7 +271,7 @@ def train_dpo(models: Models, params: Any, pairs: PairSet, cfg: ConfigDict, mesh
     state = train.init_train_state(params, opt_cfg, mesh)  # a copy: the step donates it, π_{t-1} lives on
     batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
                                          seed + 7919 * epoch, reference)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "DPO", log)
+    state, history = _run_steps(step, state, batches, cfg.epochs, total, "DPO", log, mesh)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
@@ -288,7 +296,7 @@ def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[Pai
     state = train.init_train_state(init_params, opt_cfg, mesh)  # a copy: r0 is reused every iteration
     batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
                                          seed + 7919 * epoch)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "RM", log)
+    state, history = _run_steps(step, state, batches, cfg.epochs, total, "RM", log, mesh)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
@@ -346,7 +354,7 @@ class MutualTaught:
         self.cfg = cfg
         self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
         self.mesh = make_mesh(**cfg.mesh.to_dict())
-        self.models = load_models(cfg)
+        self.models = load_models(cfg, self.mesh)
         self.splits = self._prompt_splits()
         self._prompt_ids: dict[str, list[list[int]]] = {}
 
@@ -376,6 +384,7 @@ class MutualTaught:
     # -- inputs ------------------------------------------------------------------------------
 
     def _prompt_splits(self):
+        from mtjax.distributed import barrier, is_primary
         from mtjax.testbed.prompts import (
             PromptGeneratorConfig,
             PromptSplitSizes,
@@ -393,7 +402,9 @@ class MutualTaught:
                 splits = build_prompt_splits(gen_cfg)
                 if p.source != "testbed":  # train on the source's prompts; evaluate on the testbed's
                     splits.update(external_prompt_splits(p, [*splits.keys()]))
-                save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
+                if is_primary():  # the others built the same splits; they read process 0's files
+                    save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
+                barrier("mtjax-prompts")
                 summary.update({f"prompts_{k}": len(v) for k, v in splits.items()})
         return load_prompt_splits(self.rd.file("prompts"))
 

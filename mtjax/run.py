@@ -3,11 +3,17 @@
 Runs the Mutual-Taught loop (`mtjax.em`). Rerunning the same command on the same workdir resumes
 after the last finished phase; a workdir written by another config is refused unless
 `--override_config` is given.
+
+Multi-host: run the same command on every host with `--num_processes=N --process_id=I
+--coordinator_address=HOST0:PORT`, or `--distributed` to let jax read them from the environment
+(JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, TPU pods, Open MPI); the workdir
+must be on storage every host sees. See README "Multi-host launches".
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,6 +21,13 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
 _OVERRIDE = flags.DEFINE_bool("override_config", False, "Resume a workdir even if its config differs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (hosts).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. N-1.")
+_CACHE = flags.DEFINE_string("compilation_cache", "~/.cache/mtjax/xla", "Folder of jax's persistent compilation "
+                              "cache (resumed runs and later phases skip recompiling); empty to disable.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with jax's auto-detection (SLURM, TPU, "
+                                 "JAX_* environment variables).")
 
 # The headline rows of the end-of-run table (the full table and plots are in RUN_DIR/report/).
 SUMMARY_METRICS = (
@@ -45,30 +58,63 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/mt.py")
-    from mtjax.em import MutualTaught
-
-    workdir = _WORKDIR.value or f"runs/{cfg.preset}"
-    print(f"mtjax: Mutual-Taught, preset {cfg.preset!r}, workdir {workdir}")
+    from mtjax import distributed
     from mtjax.em import validate_config
-    from mtjax.rundir import ConfigMismatchError
 
     try:
-        validate_config(cfg)  # before any model is loaded
+        validate_config(cfg)  # before any model is loaded (or any host waits for another)
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DISTRIBUTED.value)
+    except ValueError as e:
+        sys.exit(f"mtjax: {e}")
+    if _CACHE.value:
+        enable_compilation_cache(_CACHE.value)
+    with distributed.fail_fast():
+        run_loop(cfg, _WORKDIR.value or f"runs/{cfg.preset}", say=print if distributed.is_primary() else _quiet)
+
+
+def enable_compilation_cache(folder: str) -> None:
+    """jax's persistent cache: a compiled program (train step, sampler) is reused by later phases with the
+    same shapes, by resumed runs and by other processes of a multi-host run that share the folder."""
+    import os
+
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _quiet(*args, **kwargs) -> None:
+    del args, kwargs
+
+
+def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
+    import jax
+
+    from mtjax.em import MutualTaught
+    from mtjax.rundir import ConfigMismatchError
+
+    hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    say(f"mtjax: Mutual-Taught, preset {cfg.preset!r}, workdir {workdir}, {jax.device_count()} "
+        f"{jax.devices()[0].platform} devices{hosts}")
+    try:
         run = MutualTaught(cfg, workdir, allow_config_change=_OVERRIDE.value)
     except (ValueError, ConfigMismatchError) as e:
         sys.exit(f"mtjax: {e}")
     done = [p for p in run.rd.completed() if p != "prompts"]
     if done:
-        print(f"mtjax: resuming; finished phases: {', '.join(done)}")
+        say(f"mtjax: resuming; finished phases: {', '.join(done)}")
     run.run()
+    from mtjax.distributed import is_primary
     from mtjax.report import write_report
 
+    if not is_primary():
+        return
     report = write_report(workdir)
-    print("\n" + summary_table(report["table"]))
+    say("\n" + summary_table(report["table"]))
     seconds = run.phase_seconds()
-    print("\nwall time per phase: " + ", ".join(f"{p} {s:.0f}s" for p, s in seconds.items()))
-    print(f"\nmtjax: done. Run directory: {workdir}; full report: {report['report']} "
-          f"({len(report['plots'])} plots); checkpoints per iteration (export with python -m mtjax.export)")
+    say("\nwall time per phase: " + ", ".join(f"{p} {s:.0f}s" for p, s in seconds.items()))
+    say(f"\nmtjax: done. Run directory: {workdir}; full report: {report['report']} "
+        f"({len(report['plots'])} plots); checkpoints per iteration (export with python -m mtjax.export)")
 
 
 def parse_flags_or_exit(argv: list[str]) -> list[str]:

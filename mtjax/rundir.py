@@ -1,5 +1,9 @@
 """The run directory: resolved config, completed phases, artifacts, metrics and checkpoints.
 
+Multi-process runs share one run directory on storage every host sees: process 0 writes files (and
+the others wait at a barrier before reading them); checkpoints are written by all processes through
+Orbax, each its own shards.
+
 Resume is phase-granular: a phase's outputs are written first (each file atomically: temp name,
 then rename), and only then is the phase recorded in `phases.json`. A crash, `kill -9` or Ctrl-C
 therefore loses at most the phase in flight, and a rerun skips every recorded phase.
@@ -20,12 +24,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mtjax.distributed import barrier, is_primary
+
 
 class ConfigMismatchError(RuntimeError):
     pass
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Process 0 writes (temp file, fsync, rename); every process returns once the file is in place."""
+    if is_primary():
+        _write_text(path, text)
+    barrier(f"mtjax-write:{path}")
+
+
+def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -107,12 +120,13 @@ class RunDir:
         """Copies finished phases of `other` (phase -> its files and folders) with their metrics rows, then
         records them done with their original summaries: as if this run had computed them."""
         for name, paths in phases.items():
-            for rel in paths:
+            for rel in paths if is_primary() else ():
                 src, dst = other.file(rel), self.file(rel)
                 if dst.exists():
                     shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copytree(src, dst) if src.is_dir() else shutil.copy2(src, dst)
+            barrier(f"mtjax-adopt:{name}")
             for row in other.metrics():
                 if row.get("phase") == name:
                     self.log_metrics(row)
@@ -142,6 +156,8 @@ class RunDir:
 
     def log_metrics(self, row: Mapping[str, Any]) -> None:
         """Appends one row to metrics.jsonl (flushed and fsynced: a crash keeps every logged row)."""
+        if not is_primary():
+            return
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(dict(row), default=float) + "\n")
             f.flush()
@@ -154,27 +170,29 @@ class RunDir:
     # -- checkpoints --------------------------------------------------------------------------
 
     def save_params(self, relpath: str, params: Any) -> Path:
-        """Saves a param pytree with Orbax (written to a temp dir, then renamed into place)."""
+        """Saves a param pytree with Orbax: every process writes its shards into a temporary folder that
+        is renamed into place once complete, so a crash never leaves a half-written checkpoint under `relpath`."""
         import orbax.checkpoint as ocp
 
         final = self.file(relpath).absolute()
-        tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         with ocp.StandardCheckpointer() as ckpt:
-            ckpt.save(tmp, params)
+            ckpt.save(final, params, force=True)
             ckpt.wait_until_finished()
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         return final
 
     def load_params(self, relpath: str, like: Any = None) -> Any:
-        """Restores a param pytree; `like` (arrays or ShapeDtypeStructs with shardings) places it."""
+        """Restores a param pytree; `like` (arrays or ShapeDtypeStructs with shardings) places it. Without
+        `like` it lands on this process's first device, whatever topology wrote it."""
+        import jax
         import orbax.checkpoint as ocp
 
         path = self.file(relpath).absolute()
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}; the run directory is incomplete")
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.restore(path, like) if like is not None else ckpt.restore(path)
+            if like is None:
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                meta = ckpt.metadata(path)  # orbax versions differ in how they wrap the tree
+                tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+                like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            return ckpt.restore(path, like)

@@ -346,9 +346,10 @@ def _plan_groups(num_samples: int, batch_size: int, divisor: int) -> tuple[int, 
 def _place(arrays: Iterable[np.ndarray], mesh) -> list[jax.Array]:
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
+    from mtjax.sharding import to_global
+
     sharding = NamedSharding(mesh, P(_BATCH_AXES))
-    # every process holds the full host arrays, so each device takes its own slice (multi-host safe)
-    return [jax.make_array_from_callback(a.shape, sharding, lambda idx, a=a: a[idx]) for a in arrays]
+    return [to_global(a, sharding) for a in arrays]  # every process holds the full host arrays
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -379,6 +380,7 @@ def _left_pad(rows: Sequence[np.ndarray], n_rows: int, length: int, pad_id: int)
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
+    enabled = enabled and jax.process_index() == 0  # one bar per run, not one per host
     return tqdm(total=total, desc=desc, unit="batch", disable=not enabled, dynamic_ncols=True)
 
 

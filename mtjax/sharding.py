@@ -110,9 +110,19 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: PartitionRules = LLAMA_PARTITIO
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), tree_specs(tree, mesh, rules))
 
 
+def to_global(value: Any, sharding: NamedSharding) -> jax.Array:
+    """Places `value` with `sharding`. A host or process-local value must be the same on every process
+    (as when all of them computed it from the same seed): each process places only its devices' slices.
+    Arrays that already span processes are resharded."""
+    if isinstance(value, jax.Array) and (sharding.is_fully_addressable or not value.is_fully_addressable):
+        return jax.device_put(value, sharding)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_params(params: Any, mesh: Mesh, rules: PartitionRules = LLAMA_PARTITION_RULES) -> Any:
     """Places a parameter pytree (host or device arrays) on `mesh` by the partition rules."""
-    return jax.device_put(params, tree_shardings(params, mesh, rules))
+    return jax.tree.map(to_global, params, tree_shardings(params, mesh, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -153,16 +163,8 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     return out
 
 
-def initialize_distributed(
-    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
-) -> None:
-    """Joins a multi-host run (call before anything else touches jax devices).
-
-    With no arguments this relies on jax's cluster auto-detection (SLURM, TPU pods, Kubernetes ...);
-    a single-process run (num_processes == 1) is a no-op.
-    """
-    if num_processes == 1:
-        return
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    )
+def shard_global_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Like `shard_batch` for a batch that every process holds in full (the EM driver builds the same pairs
+    on every process from the same seeds): each process places only its own rows."""
+    sharding = batch_sharding(mesh)
+    return {name: to_global(value, sharding) for name, value in batch.items()}

@@ -46,6 +46,7 @@ from mtjax.sharding import (
     batch_sharding,
     path_to_str,
     replicated,
+    shard_global_batch,
     tree_shardings,
 )
 
@@ -566,7 +567,7 @@ class ReferenceLogprobCache:
     def put(self, key: str, value: dict[str, np.ndarray]) -> None:
         self._memory[key] = value
         path = self._path(key)
-        if path is not None:
+        if path is not None and jax.process_index() == 0:  # every process holds the same values
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
             np.savez(tmp, **value)
@@ -617,7 +618,7 @@ def precompute_reference_logprobs(
     logprobs_fn = make_reference_logprobs_fn(model, mesh, average, rules, logits_chunk)
     chosen, rejected = [], []
     for batch, num_real in _padded_batches(inputs, batch_size):
-        c, r = logprobs_fn(reference_params, batch)
+        c, r = logprobs_fn(reference_params, shard_global_batch(batch, mesh))
         chosen.append(np.asarray(c)[:num_real])
         rejected.append(np.asarray(r)[:num_real])
     result = {

@@ -1,0 +1,127 @@
+"""Two processes on 127.0.0.1 (one CPU device each, gloo collectives) run the `tiny` preset end to end
+through `python -m mtjax.run`, are interrupted on one host, resume, and end with the same parameters
+and metrics as a single-process run over the same two-device mesh with the same seed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+import mt  # noqa: E402
+
+from mtjax.em import MutualTaught  # noqa: E402
+from mtjax.rundir import RunDir  # noqa: E402
+
+REPO = Path(__file__).parents[1]
+OVERRIDES = ["--config.mesh.data=2"]  # the global mesh: 2 devices, data-parallel
+CHECKPOINTS = ("base_rm/reward_model", "iter_1/policy", "iter_1/reward_model", "iter_2/policy", "iter_2/reward_model")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(workdir: Path, logs: Path, attempt: str) -> list[subprocess.Popen]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+           "PYTHONUNBUFFERED": "1"}
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        log = open(logs / f"{attempt}_process_{pid}.log", "w")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:tiny", *OVERRIDES, f"--workdir={workdir}",
+             f"--compilation_cache={logs.parent / 'xla_cache'}",
+             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"a process of the two-process run hung for more than {timeout:.0f} s")
+    return codes
+
+
+def _completed(workdir: Path) -> list[str]:
+    try:
+        return [p["name"] for p in json.loads((workdir / "phases.json").read_text())]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
+    workdir, logs = tmp_path / "two_processes", tmp_path / "logs"
+    logs.mkdir()
+
+    # 1. A Ctrl-C on host 1 in the middle of the run ends both hosts (none waits forever) ...
+    procs = _launch(workdir, logs, "interrupted")
+    while "iter_1/e_step" not in _completed(workdir):
+        assert all(p.poll() is None for p in procs), (logs / "interrupted_process_0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGINT)
+    codes = _wait(procs, timeout=150)
+    assert codes[0] != 0 and codes[1] != 0, codes
+    assert "process 1 of 2 failed" in (logs / "interrupted_process_1.log").read_text()
+    finished = _completed(workdir)
+    assert "iter_2/eval" not in finished
+
+    # 2. ... and the same command resumes after the last finished phase.
+    procs = _launch(workdir, logs, "resumed")
+    codes = _wait(procs, timeout=400)
+    out = (logs / "resumed_process_0.log").read_text()
+    assert codes == [0, 0], out[-3000:]
+    assert "resuming; finished phases" in out and "2 processes" in out
+    assert "policy/gold_reward" in out  # the end-of-run table, printed once by process 0
+    assert "policy/gold_reward" not in (logs / "resumed_process_1.log").read_text()
+
+    # 3. A single process driving the same two-device mesh gives the same models and metrics.
+    cfg = mt.get_config("tiny")
+    cfg.mesh.data = 2
+    single = MutualTaught(cfg, str(tmp_path / "one_process"))
+    single.run()
+    two = RunDir(workdir, json.loads((workdir / "config.json").read_text()))
+    assert two.completed() == single.rd.completed()
+    for t in range(3):
+        assert two.read_json(f"eval/iter_{t}.json") == single.rd.read_json(f"eval/iter_{t}.json")
+    for t in (1, 2):
+        assert two.read_jsonl(f"iter_{t}/e_step/pairs.jsonl") == single.rd.read_jsonl(f"iter_{t}/e_step/pairs.jsonl")
+    for name in CHECKPOINTS:
+        ours, theirs = two.load_params(name), single.rd.load_params(name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6),
+                     ours, theirs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_processes=2, process_id=0), "needs coordinator_address"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2), "process_id=2 must be in 0 .. 1"),
+    (dict(coordinator_address="127.0.0.1:1", process_id=1), "needs num_processes > 1"),
+])
+def test_incomplete_multi_process_arguments_are_refused(kwargs, message):
+    from mtjax.distributed import initialize
+
+    with pytest.raises(ValueError, match=message):
+        initialize(**kwargs)
+
+
+def test_single_process_needs_no_initialization():
+    from mtjax.distributed import initialize, is_primary
+
+    assert initialize() is False and initialize(num_processes=1) is False and is_primary()
