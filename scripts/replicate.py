@@ -1,0 +1,637 @@
+"""The paper's ablation on the offline testbed: every arm on identical prompts and seeds, then aggregated.
+
+Arms (all from ``configs/mt.py`` with one preset; ``--override key=value`` applies to every arm):
+
+    mutual            mt.rm_update=mutual                          Mutual-Taught, T = cfg.iterations
+    frozen            mt.rm_update=frozen, mt.policy_prompts=with_rm   iterative DPO, RM frozen at r0
+    self_only         mt.rm_update=self_only                        M-step on D(PM) only
+    contrastive_only  mt.rm_update=contrastive_only                 M-step on D(PM_new, PM_old) only
+    offline           mt.rm_update=frozen, mt.schedule=offline      one offline DPO round from π0
+
+A seed sets ``cfg.seed`` and ``cfg.reward_model.head_seed``; ``prompts.seed`` stays fixed, so every arm and
+seed sees the same prompt splits. Per seed, ``mutual`` runs first in ``WORKDIR/seed_S/mutual``; every other
+arm starts in ``WORKDIR/seed_S/ARM`` from mutual's finished base phases (prompts, r0, iteration-0 eval:
+``em.share_base_phases``). Seed-major order, so partial results are useful; rerunning resumes (finished arms,
+those with a ``summary.json``, are skipped; an unfinished one resumes by phase).
+
+Extra evaluation per arm/seed/iteration (``ARM/alpaca_eval/iter_t.json``, computed once): the RM-judged
+AlpacaEval-2-style win rate of π_t (greedy, ``cfg.sampling.max_new_tokens``) against the GPT-4-turbo
+references on the first ``--alpaca-prompts`` prompts, judged by that seed's base RM r0.
+
+    python scripts/replicate.py --preset default --seeds 0,1,2 --workdir runs/replicate
+    python scripts/replicate.py --workdir runs/replicate --report-only      # aggregate what is finished
+
+Writes ``WORKDIR/results.md``, ``WORKDIR/results.json`` and PNG plots (see docs/replicate.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+import math
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.json"
+
+# arm -> its `mt` settings (everything else is the preset plus the overrides).
+ARMS: dict[str, dict[str, str]] = {
+    "mutual": {"rm_update": "mutual"},
+    "frozen": {"rm_update": "frozen", "policy_prompts": "with_rm"},
+    "self_only": {"rm_update": "self_only"},
+    "contrastive_only": {"rm_update": "contrastive_only"},
+    "offline": {"rm_update": "frozen", "schedule": "offline"},
+}
+# Keys the script sets itself: an override may not touch them.
+RESERVED = ("seed", "reward_model.head_seed", "mt.rm_update", "mt.policy_prompts", "mt.schedule")
+
+# (key in results.json, label, where: "eval" = flattened eval/iter_t.json name, "alpaca" = alpaca json key)
+METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("gold_reward", "gold reward", "eval", "policy/gold_reward"),
+    ("prompt_level_strict", "IFEval prompt strict", "eval", "policy/heldout/prompt_level_strict"),
+    ("prompt_level_loose", "IFEval prompt loose", "eval", "policy/heldout/prompt_level_loose"),
+    ("instruction_level_strict", "IFEval instr. strict", "eval", "policy/heldout/instruction_level_strict"),
+    ("instruction_level_loose", "IFEval instr. loose", "eval", "policy/heldout/instruction_level_loose"),
+    ("length_mean_tokens", "mean length (tokens)", "eval", "policy/length_mean_tokens"),
+    ("truncated_fraction", "truncated fraction", "eval", "policy/truncated_fraction"),
+    ("alpaca_win_rate", "AlpacaEval WR vs GPT-4-turbo (%)", "alpaca", "win_rate"),
+    ("rm_accuracy_current_policy", "RM acc. current policy", "eval", "rm/accuracy_current_policy"),
+    ("rm_accuracy_base_policy", "RM acc. base policy", "eval", "rm/accuracy_base_policy"),
+)
+POLICY_METRICS = [m[0] for m in METRICS if not m[0].startswith("rm_")]
+RM_METRICS = [m[0] for m in METRICS if m[0].startswith("rm_")]
+LABELS = {m[0]: m[1] for m in METRICS}
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def load_preset(preset: str):
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import mt
+    finally:
+        sys.path.pop(0)
+    return mt.get_config(preset)
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """`key.path=value` pairs onto a ConfigDict (values parsed to the existing key's type)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("config.")
+        if not sep or not key:
+            raise ValueError(f"--override {item!r}: expected key=value")
+        if key in RESERVED:
+            raise ValueError(f"--override {key}: set by the script per arm/seed ({', '.join(RESERVED)})")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for p in parents:
+            if p not in node:
+                raise ValueError(f"--override {key}: unknown config key {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"--override {key}: unknown config key {leaf!r}")
+        try:
+            node[leaf] = _parse_value(text, node[leaf])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"--override {item!r}: {e}") from e
+    return cfg
+
+
+def arm_config(preset: str, overrides: Sequence[str], arm: str, seed: int):
+    cfg = apply_overrides(load_preset(preset), overrides)
+    cfg.seed = seed
+    cfg.reward_model.head_seed = seed
+    cfg.mt.update(ARMS[arm])
+    return cfg
+
+
+# ----------------------------------------------------------------------------- AlpacaEval (base-RM judge)
+
+
+def alpaca_settings(cfg, num_prompts: int, data: str) -> dict:
+    """What an alpaca_eval/iter_t.json was computed with; a stored file is reused only if it matches."""
+    return {"num_prompts": num_prompts, "data": str(data), "max_new_tokens": int(cfg.sampling.max_new_tokens),
+            "temperature": 0.0, "judge": "base_rm", "seed": int(cfg.seed)}
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alpaca_done(arm_dir: Path, t: int, settings: Mapping) -> bool:
+    stored = read_json(arm_dir / "alpaca_eval" / f"iter_{t}.json")
+    return bool(stored) and stored.get("settings") == dict(settings)
+
+
+def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path | None = None) -> dict:
+    """π_t (greedy) on the AlpacaEval prompts vs the GPT-4-turbo references, judged by the run's r0.
+
+    The headline number is the raw RM-judged win rate (ties half); the length-controlled one is stored
+    too, but with a few prompts and ≤ max_new_tokens-token answers against long references it is an
+    extrapolation of a 2-parameter fit far outside the data, not a measurement."""
+    from mtjax import data
+    from mtjax.em import Sample, response_text, score_responses
+    from mtjax.evaluate import reward_model_win_rate
+    from mtjax.sampling import generate
+
+    start = time.perf_counter()
+    models, cfg = run.models, run.cfg
+    policy, _ = run.params_at(t)
+    _, r0 = run.params_at(0)
+    instructions = [e.instruction for e in examples]
+    references = [e.reference_output for e in examples]
+    prompt_ids = [data.chat_prompt_ids(models.tokenizer, x) for x in instructions]
+    out = generate(models.policy, policy, prompt_ids, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0,
+                   num_samples=1, eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=0,
+                   batch_size=cfg.sampling.batch_size, mesh=run.mesh, progress=False)
+    samples = [Sample(tuple(int(x) for x in s[0].token_ids), s[0].finish_reason == "stop") for s in out]
+    responses = [response_text(models.tokenizer, s) for s in samples]
+    # Score the policy's sampled ids; references as text + EOS, cut to fit the RM's context if needed.
+    limit = models.reward.cfg.max_position_embeddings
+    known, cut = {}, 0
+    for x, p, s, text, ref in zip(instructions, prompt_ids, samples, responses, references, strict=True):
+        known[(x, text)] = (p, list(s.ids))
+        ref_ids = data.response_ids(models.tokenizer, ref, models.eos_ids[0])
+        if len(p) + len(ref_ids) > limit:
+            ref_ids, cut = ref_ids[: limit - len(p)], cut + 1
+        known[(x, ref)] = (p, ref_ids)
+
+    # r0 and the references are the same for every arm and iteration of a seed: their (long, slow to
+    # score) rewards are computed once per seed and stored next to mutual's AlpacaEval results.
+    stored = read_json(reference_cache) if reference_cache else None
+    ref_scores = dict(stored["scores"]) if stored and stored.get("settings") == dict(settings) else {}
+    ref_of = dict(zip(instructions, references, strict=True))
+
+    def score_fn(prompts, texts):
+        is_ref = all(ref_of.get(p) == r for p, r in zip(prompts, texts, strict=True))
+        if is_ref and all(p in ref_scores for p in prompts):
+            return np.asarray([ref_scores[p] for p in prompts], np.float64)
+        p_ids, r_ids = zip(*(known[(p, r)] for p, r in zip(prompts, texts, strict=True)), strict=True)
+        scores = score_responses(models, r0, p_ids, r_ids, cfg.sampling.batch_size, run.mesh)
+        if is_ref and reference_cache:
+            ref_scores.update(zip(prompts, map(float, scores), strict=True))
+            write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items())})
+        return scores
+
+    try:
+        result = reward_model_win_rate(score_fn, instructions, responses, references, progress=False)
+    except ValueError as e:  # e.g. the length-controlled fit; keep the raw numbers
+        result = {"error": str(e)}
+    result.update(truncated_fraction=float(np.mean([not s.stopped for s in samples])),
+                  references_cut_to_context=cut, seconds=time.perf_counter() - start)
+    return {"iteration": t, "settings": dict(settings), "headline": "win_rate", "metrics": result,
+            "responses": [{"instruction": x, "output": r, "stopped": s.stopped}
+                          for x, r, s in zip(instructions, responses, samples, strict=True)]}
+
+
+def _no_nan(obj: Any) -> Any:
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic, and only when the content changes (a rerun leaves files untouched); NaN is written as null."""
+    write_bytes(path, (json.dumps(_no_nan(obj), indent=2, default=float) + "\n").encode())
+
+
+def write_bytes(path: Path, content: bytes) -> None:
+    if path.is_file() and path.read_bytes() == content:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content)
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def arm_iterations(cfg) -> list[int]:
+    return list(range(0, 2 if cfg.mt.schedule == "offline" else cfg.iterations + 1))
+
+
+def check_config(arm_dir: Path, cfg) -> None:
+    """The run directory's own guard, without loading any model (for arms skipped as finished)."""
+    from mtjax.rundir import ConfigMismatchError, RunDir, config_changes
+
+    changes = config_changes(RunDir.read_config(arm_dir), cfg.to_dict())
+    if changes:
+        raise ConfigMismatchError(f"{arm_dir} was written by a different config ({'; '.join(changes[:5])}); "
+                                  "use another --workdir or the same --preset/--override as before")
+
+
+def run_arm(args, arm: str, seed: int, examples) -> dict:
+    """Runs (or resumes) one arm of one seed and its AlpacaEval evaluations; returns timing info."""
+    from mtjax import em
+
+    cfg = arm_config(args.preset, args.override, arm, seed)
+    seed_dir = Path(args.workdir) / f"seed_{seed}"
+    arm_dir = seed_dir / arm
+    iterations = arm_iterations(cfg)
+    settings = alpaca_settings(cfg, args.alpaca_prompts, args.alpaca_data)
+    want_alpaca = [t for t in iterations if args.alpaca_prompts > 0 and not alpaca_done(arm_dir, t, settings)]
+    finished = (arm_dir / "summary.json").is_file()
+    if finished:
+        check_config(arm_dir, cfg)
+    if arm != "mutual" and 0 in want_alpaca:  # π0 greedy and r0 are the same for every arm of a seed
+        stored = read_json(seed_dir / "mutual" / "alpaca_eval" / "iter_0.json")
+        if stored and stored.get("settings") == settings:
+            write_json(arm_dir / "alpaca_eval" / "iter_0.json", stored)
+            want_alpaca.remove(0)
+    if finished and not want_alpaca:
+        return {"status": "done", "seconds": 0.0}
+    start = time.perf_counter()
+    if arm != "mutual":
+        em.validate_config(cfg)
+        em.share_base_phases(str(seed_dir / "mutual"), cfg, str(arm_dir))
+    run = em.MutualTaught(cfg, str(arm_dir))
+    if not finished:
+        run.run()
+    for t in want_alpaca:
+        cache = seed_dir / "mutual" / "alpaca_eval" / "reference_scores.json"
+        write_json(arm_dir / "alpaca_eval" / f"iter_{t}.json", alpaca_eval(run, t, examples, settings, cache))
+    del run
+    return {"status": "resumed" if finished else "ran", "seconds": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
+    from mtjax.report import flatten_metrics
+
+    return flatten_metrics(d, prefix)
+
+
+def read_arm(arm_dir: Path) -> dict[int, dict[str, float]]:
+    """iteration -> metric -> value for one run directory (eval/iter_t.json, alpaca_eval/iter_t.json)."""
+    out: dict[int, dict[str, float]] = {}
+    for path in sorted((arm_dir / "eval").glob("iter_*.json")):
+        record = read_json(path)
+        t = int(record["iteration"])
+        flat = _flatten(record["metrics"])
+        if not any(k.startswith("policy/") for k in flat):  # fall back to the phase's flat results.json
+            flat = _flatten(read_json(arm_dir / f"iter_{t}" / "eval" / "results.json") or {})
+            flat = {"policy/gold_reward": flat.get("policy_gold_reward_strict", math.nan),
+                    "rm/accuracy_current_policy": flat.get("rm_acc_current_policy_accuracy", math.nan),
+                    "rm/accuracy_base_policy": flat.get("rm_acc_base_policy_accuracy", math.nan),
+                    **{f"policy/heldout/{k}": flat.get(f"policy_{k}", math.nan)
+                       for k in ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
+                                 "instruction_level_loose")},
+                    "policy/length_mean_tokens": flat.get("policy_length_mean_tokens", math.nan),
+                    "policy/truncated_fraction": flat.get("policy_truncated_fraction", math.nan)}
+        out[t] = {key: flat.get(name, math.nan) for key, _, where, name in METRICS if where == "eval"}
+    for path in sorted((arm_dir / "alpaca_eval").glob("iter_*.json")):
+        record = read_json(path)
+        t = int(record["iteration"])
+        if t in out:
+            for key, _, where, name in METRICS:
+                if where == "alpaca":
+                    value = record["metrics"].get(name)
+                    out[t][key] = math.nan if value is None else float(value)
+    return out
+
+
+def arm_seconds(arm: str, arm_dir: Path) -> float | None:
+    """Compute time of the arm: its own phases (shared ones counted in mutual) plus its AlpacaEval runs."""
+    summary = read_json(arm_dir / "summary.json")
+    if not summary:
+        return None
+    from mtjax.em import SHARED_PHASES
+
+    phases = summary.get("phase_seconds", {})
+    total = sum(v for k, v in phases.items() if arm == "mutual" or k not in SHARED_PHASES)
+    for path in (arm_dir / "alpaca_eval").glob("iter_*.json"):
+        total += float(read_json(path)["metrics"].get("seconds", 0.0))
+    return total
+
+
+def _stats(values: Sequence[float]) -> dict:
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": int(len(v))}
+
+
+def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, float], expect: str) -> dict:
+    """a − b over the seeds both have (paired: same seed = same prompts, r0 and π0). `expect` '>' means the
+    claim predicts a > b. Noise: the standard error of the mean paired difference; the difference counts
+    when |mean| > 2 SE."""
+    seeds = sorted(set(a) & set(b))
+    diffs = np.asarray([a[s] - b[s] for s in seeds if not (math.isnan(a[s]) or math.isnan(b[s]))], np.float64)
+    row = {"claim": name, "metric": metric, "n": int(len(diffs)), "mean_diff": None, "se": None}
+    if not len(diffs):
+        return {**row, "verdict": "no data yet"}
+    mean = float(diffs.mean())
+    right = mean > 0 if expect == ">" else mean < 0
+    row["mean_diff"] = mean
+    if mean == 0:
+        return {**row, "se": float(diffs.std(ddof=1) / math.sqrt(len(diffs))) if len(diffs) > 1 else None,
+                "verdict": "no difference" + (" (1 seed: no noise estimate)" if len(diffs) < 2 else "")}
+    if len(diffs) < 2:
+        return {**row, "verdict": ("direction as claimed" if right else "opposite to claim")
+                + " (1 seed: no noise estimate)"}
+    se = float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
+    row["se"] = se
+    beyond = abs(mean) > 2 * se
+    if right:
+        verdict = "supported (|diff| > 2 SE)" if beyond else "direction as claimed, within noise"
+    else:
+        verdict = "contradicted (|diff| > 2 SE)" if beyond else "opposite to claim, within noise"
+    return {**row, "verdict": verdict}
+
+
+def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+    per_seed: dict[str, dict[int, dict[int, dict[str, float]]]] = {}  # arm -> seed -> t -> metric
+    seconds: dict[str, dict[int, float]] = {}
+    for arm in arms:
+        for seed in seeds:
+            arm_dir = workdir / f"seed_{seed}" / arm
+            if (arm_dir / "eval").is_dir():
+                per_seed.setdefault(arm, {})[seed] = read_arm(arm_dir)
+            s = arm_seconds(arm, arm_dir)
+            if s is not None:
+                seconds.setdefault(arm, {})[seed] = s
+    table: dict[str, dict[str, dict[str, dict]]] = {}
+    for arm, by_seed in per_seed.items():
+        iterations = sorted({t for runs in by_seed.values() for t in runs})
+        table[arm] = {}
+        for t in iterations:
+            table[arm][str(t)] = {}
+            for key in LABELS:
+                values = {s: runs[t].get(key, math.nan) for s, runs in by_seed.items() if t in runs}
+                table[arm][str(t)][key] = {**_stats(list(values.values())),
+                                           "values": {str(s): (None if math.isnan(v) else v)
+                                                      for s, v in values.items()}}
+
+    def at(arm: str, t: int | str, key: str) -> dict[int, float]:
+        return {s: runs[int(t)].get(key, math.nan) for s, runs in per_seed.get(arm, {}).items() if int(t) in runs}
+
+    def final(arm: str, key: str) -> dict[int, float]:
+        # The arm's last iteration, per seed, only from seeds whose arm finished (summary.json).
+        last = {}
+        for s, runs in per_seed.get(arm, {}).items():
+            done = (workdir / f"seed_{s}" / arm / "summary.json").is_file()
+            if done and runs:
+                last[s] = runs[max(runs)].get(key, math.nan)
+        return last
+
+    claims = []
+    mutual_its = sorted(int(t) for t in table.get("mutual", {}))
+    for t in mutual_its[1:]:
+        claims.append(compare(f"(1) policy improves: mutual iter {t} vs {t - 1}", "gold_reward",
+                              at("mutual", t, "gold_reward"), at("mutual", t - 1, "gold_reward"), ">"))
+    for t in mutual_its[1:]:
+        claims.append(compare(f"(2) RM improves on current policy: mutual r_{t} on π_{t} vs r_0 on π_0",
+                              "rm_accuracy_current_policy", at("mutual", t, "rm_accuracy_current_policy"),
+                              at("mutual", 0, "rm_accuracy_current_policy"), ">"))
+        claims.append(compare(f"(2) RM on base policy: mutual r_{t} vs r_0 on π_0's samples",
+                              "rm_accuracy_base_policy", at("mutual", t, "rm_accuracy_base_policy"),
+                              at("mutual", 0, "rm_accuracy_base_policy"), ">"))
+    if "frozen" in per_seed:
+        claims.append(compare("(2) RM on current policy, final: mutual r_T on π_T vs frozen r_0 on its π_T",
+                              "rm_accuracy_current_policy", final("mutual", "rm_accuracy_current_policy"),
+                              final("frozen", "rm_accuracy_current_policy"), ">"))
+    for other in ("frozen", "self_only", "contrastive_only", "offline"):
+        if other not in per_seed:
+            continue
+        for key in ("gold_reward", "alpaca_win_rate"):
+            claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
+                                  final(other, key), ">"))
+    return {"arms": table, "claims": claims,
+            "wall_seconds": {arm: {str(s): v for s, v in by.items()} for arm, by in seconds.items()},
+            "per_seed": {arm: {str(s): {str(t): m for t, m in runs.items()} for s, runs in by.items()}
+                         for arm, by in per_seed.items()}}
+
+
+def _cell(stat: Mapping, scale: float = 1.0) -> str:
+    if stat["mean"] is None:
+        return "-"
+    text = f"{stat['mean'] * scale:.3f}"
+    if stat["std"] is not None:
+        text += f" ± {stat['std'] * scale:.3f}"
+    return f"{text} ({stat['n']})"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:+.4f}"
+
+
+def markdown(results: Mapping) -> str:
+    table, meta = results["arms"], results["meta"]
+    lines = [f"# Mutual-Taught ablation: preset `{meta['preset']}`, seeds {meta['seeds']}", "",
+             "Cells: mean ± std over finished seeds (n). Same prompts for every arm and seed; a seed sets "
+             "`seed` and `reward_model.head_seed`. AlpacaEval WR: π_t greedy vs GPT-4-turbo on the first "
+             f"{meta['alpaca_prompts']} AlpacaEval prompts, judged by the seed's base RM r0 (raw win rate, "
+             "ties half).", ""]
+    if meta.get("overrides"):
+        lines += [f"Overrides: `{' '.join(meta['overrides'])}`", ""]
+    for title, keys in (("Policy", POLICY_METRICS), ("Reward model", RM_METRICS)):
+        lines += [f"## {title}", "", "| arm | iter | " + " | ".join(LABELS[k] for k in keys) + " |",
+                  "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
+        for arm, by_t in table.items():
+            for t, stats in by_t.items():
+                lines.append(f"| {arm} | {t} | " + " | ".join(_cell(stats[k]) for k in keys) + " |")
+        lines.append("")
+    lines += ["## Claims", "", "Differences are paired over seeds (a − b per seed, then mean); SE = std of the "
+              "per-seed differences / √n; a difference counts when |mean diff| > 2 SE.", "",
+              "| claim | metric | mean diff | SE | n | verdict |", "| --- | --- | ---: | ---: | ---: | --- |"]
+    for c in results["claims"]:
+        lines.append(f"| {c['claim']} | {c['metric']} | {_num(c['mean_diff'])} | "
+                     f"{'-' if c['se'] is None else format(c['se'], '.4f')} | {c['n']} | {c['verdict']} |")
+    lines += ["", "## Compute time per arm (s; own phases + AlpacaEval, shared base phases counted in mutual)", "",
+              "| arm | " + " | ".join(f"seed {s}" for s in meta["seeds"]) + " |",
+              "| --- | " + " | ".join("---:" for _ in meta["seeds"]) + " |"]
+    for arm, by_seed in results["wall_seconds"].items():
+        lines.append(f"| {arm} | " + " | ".join(f"{by_seed[str(s)]:.0f}" if str(s) in by_seed else "-"
+                                                 for s in meta["seeds"]) + " |")
+    lines += ["", "![gold reward](gold_reward.png) ![RM accuracy](rm_accuracy_current_policy.png) "
+              "![final iteration](final_iteration.png)", ""]
+    return "\n".join(lines)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def plot(results: Mapping, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = results["arms"]
+    paths = []
+    for key, title in (("gold_reward", "Policy gold reward (held-out)"),
+                       ("rm_accuracy_current_policy", "RM accuracy on the current policy's gold pairs")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for i, (arm, by_t) in enumerate(table.items()):
+            pts = [(int(t), s[key]) for t, s in by_t.items() if s[key]["mean"] is not None]
+            if pts:
+                xs = np.asarray([t for t, _ in pts], np.float64) + 0.03 * (i - 2)
+                ax.errorbar(xs, [s["mean"] for _, s in pts], yerr=[s["std"] or 0.0 for _, s in pts], marker="o",
+                            capsize=3, label=arm)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_xticks(sorted({int(t) for by_t in table.values() for t in by_t}))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no data (e.g. every gold pair tied)", ha="center", transform=ax.transAxes)
+        fig.tight_layout()
+        path = out / f"{key}.png"
+        write_bytes(path, _png(fig))
+        plt.close(fig)
+        paths.append(path)
+    keys = ("gold_reward", "alpaca_win_rate", "rm_accuracy_current_policy")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4))
+    arms = list(table)
+    for ax, key in zip(axes, keys, strict=True):
+        stats = [table[a][max(table[a], key=int)][key] for a in arms]
+        ax.bar(range(len(arms)), [s["mean"] if s["mean"] is not None else 0.0 for s in stats],
+               yerr=[s["std"] or 0.0 for s in stats], capsize=3, color=[f"C{i}" for i in range(len(arms))])
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(LABELS[key] + " (final iter)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    path = out / "final_iteration.png"
+    write_bytes(path, _png(fig))
+    plt.close(fig)
+    paths.append(path)
+    return paths
+
+
+def write_results(args, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+    workdir = Path(args.workdir)
+    results = aggregate(workdir, arms, seeds)
+    results["meta"] = {"preset": args.preset, "seeds": list(seeds), "arms": list(arms),
+                       "overrides": list(args.override), "alpaca_prompts": args.alpaca_prompts,
+                       "alpaca_data": str(args.alpaca_data), "alpaca_headline": "raw RM-judged win_rate (%)"}
+    text = markdown(results)
+    write_bytes(workdir / "results.md", text.encode())
+    write_json(workdir / "results.json", results)
+    if results["arms"]:
+        plot(results, workdir)
+    return {**results, "markdown": text}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="default", help="configs/mt.py preset (default: default)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--workdir", default="runs/replicate")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override applied to every arm (repeatable), e.g. sampling.max_new_tokens=64")
+    parser.add_argument("--alpaca-prompts", type=int, default=16, help="AlpacaEval prompts per evaluation (0 = off)")
+    parser.add_argument("--alpaca-data", default=str(DEFAULT_ALPACA),
+                        help="AlpacaEval-2 file (or hub id) with GPT-4-turbo reference outputs")
+    parser.add_argument("--report-only", action="store_true", help="only aggregate what is finished")
+    args = parser.parse_args(argv)
+    args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.arms_list = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in args.arms_list if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    if "mutual" not in args.arms_list:
+        parser.error("the arms need `mutual`: the others start from its base phases")
+    args.arms_list = ["mutual"] + [a for a in ARMS if a in args.arms_list and a != "mutual"]
+    try:
+        for arm in args.arms_list:  # bad overrides fail here, before anything runs
+            arm_config(args.preset, args.override, arm, args.seeds_list[0] if args.seeds_list else 0)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    arms, seeds = args.arms_list, args.seeds_list
+    failures = []
+    if not args.report_only:
+        from tqdm.auto import tqdm
+
+        examples = []
+        if args.alpaca_prompts > 0:
+            from mtjax.testbed.benchmarks import load_alpaca_eval
+
+            examples = load_alpaca_eval(args.alpaca_data)[: args.alpaca_prompts]
+        jobs = [(seed, arm) for seed in seeds for arm in arms]
+        bar = tqdm(jobs, desc="replicate", unit="arm", position=0, leave=True)
+        failed_mutual: set[int] = set()
+        for seed, arm in bar:
+            bar.set_postfix_str(f"seed {seed} {arm}")
+            if seed in failed_mutual:
+                print(f"replicate: seed {seed} {arm}: skipped (mutual failed)", flush=True)
+                continue
+            try:
+                info = run_arm(args, arm, seed, examples)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:  # one failed arm should not lose the rest of a long run
+                traceback.print_exc()
+                failures.append(f"seed {seed} {arm}: {type(e).__name__}: {e}")
+                mutual_dir = Path(args.workdir) / f"seed_{seed}" / "mutual"
+                if arm == "mutual" and not (mutual_dir / "summary.json").is_file():
+                    failed_mutual.add(seed)  # (a failed AlpacaEval alone does not block the other arms)
+                print(f"replicate: seed {seed} {arm}: FAILED ({e})", flush=True)
+                continue
+            status = "already done" if info["status"] == "done" else f"{info['status']} in {info['seconds']:.0f}s"
+            tqdm.write(f"replicate: seed {seed} {arm}: {status}")
+            if info["status"] != "done":
+                write_results(args, arms, seeds)  # partial results after every arm
+        bar.close()
+    results = write_results(args, arms, seeds)
+    print("\n" + results["markdown"])
+    print(f"replicate: wrote {Path(args.workdir) / 'results.md'}, results.json and PNGs")
+    if failures:
+        print("replicate: failures:\n  " + "\n  ".join(failures), file=sys.stderr)
+        results["failures"] = failures
+    return results
+
+
+if __name__ == "__main__":
+    out = main()
+    sys.exit(1 if out.get("failures") else 0)

@@ -1,0 +1,89 @@
+"""scripts/replicate.py on the `tiny` preset: two arms, one seed, shared base phases, aggregation, no-op rerun."""
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "scripts" / "replicate.py"
+
+
+@pytest.fixture(scope="module")
+def replicate():
+    spec = importlib.util.spec_from_file_location("replicate", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def phase_summary(run_dir: Path, name: str) -> dict:
+    phases = json.loads((run_dir / "phases.json").read_text())
+    return next(p["summary"] for p in phases if p["name"] == name)
+
+
+def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
+    argv = ["--preset", "tiny", "--seeds", "0", "--arms", "mutual,offline", "--alpaca-prompts", "2",
+            "--workdir", str(tmp_path)]
+    replicate.main(argv)
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    arms = results["arms"]
+    assert set(arms) == {"mutual", "offline"}
+    assert sorted(arms["mutual"]) == ["0", "1", "2"] and sorted(arms["offline"]) == ["0", "1"]
+    for arm, by_t in arms.items():
+        for t, stats in by_t.items():
+            assert set(stats) == set(replicate.LABELS), (arm, t)
+            for key in ("gold_reward", "prompt_level_strict", "length_mean_tokens", "alpaca_win_rate"):
+                assert stats[key]["n"] == 1 and stats[key]["std"] is None, (arm, t, key)
+    # r0 and the base evaluation were taken from mutual, not recomputed (same summary, wall time included).
+    mutual, offline = tmp_path / "seed_0" / "mutual", tmp_path / "seed_0" / "offline"
+    for phase in ("prompts", "base_rm", "iter_0/eval"):
+        assert phase_summary(offline, phase) == phase_summary(mutual, phase)
+    assert arms["offline"]["0"]["gold_reward"]["mean"] == arms["mutual"]["0"]["gold_reward"]["mean"]
+    # The AlpacaEval evaluations: one file per iteration, judged by r0, with their settings.
+    for arm_dir, its in ((mutual, 3), (offline, 2)):
+        files = sorted((arm_dir / "alpaca_eval").glob("iter_*.json"))
+        assert len(files) == its
+        record = json.loads(files[-1].read_text())
+        assert record["settings"]["num_prompts"] == 2 and len(record["responses"]) == 2
+    # The references' r0 scores are computed once per seed and reused by every arm and iteration.
+    assert len(json.loads((mutual / "alpaca_eval" / "reference_scores.json").read_text())["scores"]) == 2
+    claims = {c["claim"]: c for c in results["claims"]}
+    assert any(k.startswith("(1)") for k in claims) and any("mutual > offline" in k for k in claims)
+    assert all("no noise estimate" in c["verdict"] for c in results["claims"] if c["n"] == 1)
+    assert set(results["wall_seconds"]) == {"mutual", "offline"}
+    for name in ("gold_reward.png", "rm_accuracy_current_policy.png", "final_iteration.png", "results.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "| mutual | 2 |" in (tmp_path / "results.md").read_text()
+
+    # A rerun is a no-op: no model is built, no file changes (content or mtime).
+    before = snapshot(tmp_path)
+    from mtjax import em
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished replicate run must not build any run")
+
+    monkeypatch.setattr(em, "MutualTaught", refuse)
+    replicate.main(argv)
+    assert snapshot(tmp_path) == before
+    # --report-only works too (and changes nothing).
+    replicate.main([*argv, "--report-only"])
+    assert snapshot(tmp_path) == before
+
+
+def test_overrides_and_bad_arguments(replicate):
+    cfg = replicate.arm_config("tiny", ["sampling.max_new_tokens=10", "mt.contrastive_filter=true"], "frozen", 3)
+    assert cfg.sampling.max_new_tokens == 10 and cfg.mt.contrastive_filter is True
+    assert cfg.seed == 3 and cfg.reward_model.head_seed == 3 and cfg.prompts.seed == 0
+    assert (cfg.mt.rm_update, cfg.mt.policy_prompts) == ("frozen", "with_rm")
+    for argv in (["--arms", "frozen"], ["--arms", "mutual,nope"], ["--override", "mt.rm_update=frozen"],
+                 ["--override", "no.such=1"], ["--override", "sampling.max_new_tokens=abc"]):
+        with pytest.raises(SystemExit):
+            replicate.parse_args(argv)
