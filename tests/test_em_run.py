@@ -7,21 +7,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from mtjax import em
 from mtjax.em import MutualTaught
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import mt  # noqa: E402
-
 PHASES = ["prompts", "base_rm", "iter_0/eval", "iter_1/e_step", "iter_1/m_step", "iter_1/eval",
           "iter_2/e_step", "iter_2/m_step", "iter_2/eval"]
-
-
-def tiny_config(**mt_overrides):
-    cfg = mt.get_config("tiny")
-    cfg.mt.update(mt_overrides)
-    return cfg
 
 
 def assert_trees_equal(a, b):
@@ -37,12 +29,8 @@ def without_timings(results):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """One uninterrupted tiny run (shared by the tests below)."""
-    workdir = tmp_path_factory.mktemp("tiny_reference")
-    run = MutualTaught(tiny_config(), str(workdir))
-    results = run.run()
-    return run, results
+def reference_run(tiny_run):
+    return tiny_run
 
 
 def test_tiny_run_writes_every_phase_and_artifact(reference_run):

@@ -15,14 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
-import mt  # noqa: E402
-
-from mtjax.em import MutualTaught  # noqa: E402
-from mtjax.rundir import RunDir  # noqa: E402
+from mtjax.rundir import RunDir
 
 REPO = Path(__file__).parents[1]
-OVERRIDES = ["--config.mesh.data=2"]  # the global mesh: 2 devices, data-parallel
+OVERRIDES = ["--config.mesh.data=2"]  # the global mesh of conftest.tiny_config: 2 devices, data-parallel
 CHECKPOINTS = ("base_rm/reward_model", "iter_1/policy", "iter_1/reward_model", "iter_2/policy", "iter_2/reward_model")
 
 
@@ -67,7 +63,7 @@ def _completed(workdir: Path) -> list[str]:
         return []
 
 
-def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
+def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path, tiny_run):
     workdir, logs = tmp_path / "two_processes", tmp_path / "logs"
     logs.mkdir()
 
@@ -93,10 +89,7 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     assert "policy/gold_reward" not in (logs / "resumed_process_1.log").read_text()
 
     # 3. A single process driving the same two-device mesh gives the same models and metrics.
-    cfg = mt.get_config("tiny")
-    cfg.mesh.data = 2
-    single = MutualTaught(cfg, str(tmp_path / "one_process"))
-    single.run()
+    single, _ = tiny_run
     two = RunDir(workdir, json.loads((workdir / "config.json").read_text()))
     assert two.completed() == single.rd.completed()
     for t in range(3):
