@@ -32,6 +32,7 @@ from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from mtjax import data
+from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
 
 RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
@@ -223,7 +224,6 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
                total: int, desc: str, log: Callable[[dict], None], mesh) -> tuple[Any, list[dict]]:
-    from mtjax.distributed import is_primary
     from mtjax.sharding import shard_global_batch
 
     history = []
@@ -384,7 +384,6 @@ class MutualTaught:
     # -- inputs ------------------------------------------------------------------------------
 
     def _prompt_splits(self):
-        from mtjax.distributed import barrier, is_primary
         from mtjax.testbed.prompts import (
             PromptGeneratorConfig,
             PromptSplitSizes,
@@ -592,8 +591,9 @@ class MutualTaught:
                 # an EOS to truncated responses: not what the RM saw in training).
                 score_fn = self.text_score_fn(rm_params, {**self.ids_by_text(split, rows),
                                                           **self.ids_by_text(split, base_rows)})
-                rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts)
-                rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts)
+                rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts, progress=is_primary())
+                rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts,
+                                         progress=is_primary())
                 metrics = {
                     "policy": {"gold_reward": policy["gold_reward_strict"],
                                "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
@@ -836,8 +836,8 @@ def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
     return {f"{prefix}_{k}": v for k, v in values.items() if isinstance(v, (int, float))}
 
 
-def _safe_accuracy(fn, score_fn, prompts, texts) -> dict[str, Any]:
+def _safe_accuracy(fn, score_fn, prompts, texts, **kwargs: Any) -> dict[str, Any]:
     try:
-        return fn(score_fn, prompts, texts)
+        return fn(score_fn, prompts, texts, **kwargs)
     except ValueError as e:  # every sample tied under the gold reward: no pair to judge
         return {"unavailable": 1, "reason_all_tied": 1 if "tie" in str(e) else 0}

@@ -458,7 +458,7 @@ def gold_pairwise_accuracy(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """RM accuracy against gold labels on pairs built from ``samples`` (see :func:`gold_preference_pairs`)."""
-    built = gold_preference_pairs(prompts, samples, mode)
+    built = gold_preference_pairs(prompts, samples, mode, progress=kwargs.get("progress", True))
     if not built.pairs:
         raise ValueError(f"no gold preference pairs: all samples of all {built.num_prompts} prompts tie")
     result = pairwise_accuracy(score_fn, built.pairs, **kwargs)

@@ -306,16 +306,6 @@ def read_arm(arm_dir: Path) -> dict[int, dict[str, float]]:
         record = read_json(path)
         t = int(record["iteration"])
         flat = _flatten(record["metrics"])
-        if not any(k.startswith("policy/") for k in flat):  # fall back to the phase's flat results.json
-            flat = _flatten(read_json(arm_dir / f"iter_{t}" / "eval" / "results.json") or {})
-            flat = {"policy/gold_reward": flat.get("policy_gold_reward_strict", math.nan),
-                    "rm/accuracy_current_policy": flat.get("rm_acc_current_policy_accuracy", math.nan),
-                    "rm/accuracy_base_policy": flat.get("rm_acc_base_policy_accuracy", math.nan),
-                    **{f"policy/heldout/{k}": flat.get(f"policy_{k}", math.nan)
-                       for k in ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict",
-                                 "instruction_level_loose")},
-                    "policy/length_mean_tokens": flat.get("policy_length_mean_tokens", math.nan),
-                    "policy/truncated_fraction": flat.get("policy_truncated_fraction", math.nan)}
         out[t] = {key: flat.get(name, math.nan) for key, _, where, name in METRICS if where == "eval"}
     for path in sorted((arm_dir / "alpaca_eval").glob("iter_*.json")):
         record = read_json(path)
