@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Iterator
@@ -75,15 +76,28 @@ def fail_fast() -> Iterator[None]:
     """In a multi-process run, an exception (or Ctrl-C) prints its traceback with the process id and exits
     the process immediately, skipping jax's shutdown barrier (which would wait for the other processes
     while they wait for this one). The others then fail: at once when their collectives lose the peer, at
-    the latest after `HEARTBEAT_TIMEOUT_S`. Single-process runs raise as usual."""
+    the latest after `HEARTBEAT_TIMEOUT_S`. Single-process runs raise as usual.
+
+    Ctrl-C (SIGINT) in a multi-process run exits from the signal handler itself: a KeyboardInterrupt
+    raised while Python runs a garbage-collection callback (jax registers one) is printed and dropped,
+    which would leave this host running and the Ctrl-C lost."""
+    previous = signal.getsignal(signal.SIGINT)
+    if jax.process_count() > 1:
+        signal.signal(signal.SIGINT, lambda signum, frame: _exit_failed("interrupted (SIGINT)", with_traceback=False))
     try:
         yield
     except BaseException as e:
         if jax.process_count() == 1 or (isinstance(e, SystemExit) and not e.code):
             raise
-        print(f"mtjax: process {jax.process_index()} of {jax.process_count()} failed; ending the run",
-              file=sys.stderr)
+        _exit_failed("failed", with_traceback=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _exit_failed(what: str, with_traceback: bool) -> None:
+    print(f"mtjax: process {jax.process_index()} of {jax.process_count()} {what}; ending the run", file=sys.stderr)
+    if with_traceback:
         traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from mtjax import data
 from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
+from mtjax.train_checkpoint import TrainCheckpoint
 
 RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
 # Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
@@ -223,19 +224,42 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 
 
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
-               total: int, desc: str, log: Callable[[dict], None], mesh) -> tuple[Any, list[dict]]:
+               total: int, desc: str, log: Callable[[dict], None], mesh,
+               checkpoint: TrainCheckpoint | None = None) -> tuple[Any, list[dict]]:
+    """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. With `checkpoint`, resumes
+    from its last save (skipping the batches already trained on) and saves as it goes."""
     from mtjax.sharding import shard_global_batch
 
-    history = []
-    with tqdm(total=total, desc=desc, unit="step", disable=not is_primary()) as bar:
-        for epoch in range(epochs):
-            for batch in batches_per_epoch(epoch):
-                state, metrics = step_fn(state, shard_global_batch(batch, mesh))
-                row = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                history.append(row)
-                log({"step": len(history), "epoch": epoch, "train": row})
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
-                bar.update(1)
+    history: list[dict] = []
+    restored = checkpoint.restore(state) if checkpoint is not None else None
+    if restored is not None:
+        state, history = restored
+        if is_primary():
+            print(f"mtjax: {desc} resumes at step {len(history)} of {total} from {checkpoint.folder}", flush=True)
+    start = len(history)
+    pending = None  # metrics of a dispatched step whose row is not logged yet
+    with tqdm(total=total, initial=start, desc=desc, unit="step", disable=not is_primary()) as bar:
+        try:
+            seen = 0
+            for epoch in range(epochs):
+                for batch in batches_per_epoch(epoch):
+                    seen += 1
+                    if seen <= start:
+                        continue
+                    state, pending = step_fn(state, shard_global_batch(batch, mesh))
+                    row = {k: float(v) for k, v in jax.device_get(pending).items()}
+                    pending = None
+                    history.append(row)
+                    log({"step": len(history), "epoch": epoch, "train": row})
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
+                    bar.update(1)
+                    if checkpoint is not None and len(history) < total and checkpoint.due(len(history)):
+                        checkpoint.save(state, history)
+        except KeyboardInterrupt:
+            if checkpoint is not None:
+                checkpoint.save_on_interrupt(
+                    state, history, pending, lambda row: log({"step": len(history), "train": row}))
+            raise
     return state, history
 
 
@@ -247,8 +271,10 @@ def _mean_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 def train_dpo(models: Models, params: Any, pairs: PairSet, cfg: ConfigDict, mesh, seed: int,
-              log: Callable[[dict], None], cache_dir: str | None) -> tuple[Any, dict]:
-    """DPO (or IPO/hinge/SimPO) from `params` with reference = `params`; returns new params and stats."""
+              log: Callable[[dict], None], cache_dir: str | None,
+              checkpoint: TrainCheckpoint | None = None) -> tuple[Any, dict]:
+    """DPO (or IPO/hinge/SimPO) from `params` with reference = `params`; returns new params and stats.
+    With `checkpoint`, the train state is saved as it goes and a rerun resumes from the last save."""
     from mtjax import train
 
     chosen, rejected, counts = encode_pairs(pairs, cfg.max_length)
@@ -271,13 +297,15 @@ def train_dpo(models: Models, params: Any, pairs: PairSet, cfg: ConfigDict, mesh
     state = train.init_train_state(params, opt_cfg, mesh)  # a copy: the step donates it, π_{t-1} lives on
     batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
                                          seed + 7919 * epoch, reference)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "DPO", log, mesh)
+    state, history = _run_steps(step, state, batches, cfg.epochs, total, "DPO", log, mesh, checkpoint)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
 def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[PairSet], cfg: ConfigDict, mesh,
-                       seed: int, log: Callable[[dict], None]) -> tuple[Any, dict]:
-    """Bradley-Terry training of the RM from `init_params` on the union of `pair_sets`."""
+                       seed: int, log: Callable[[dict], None],
+                       checkpoint: TrainCheckpoint | None = None) -> tuple[Any, dict]:
+    """Bradley-Terry training of the RM from `init_params` on the union of `pair_sets` (`checkpoint`: as
+    in `train_dpo`)."""
     from mtjax import train
 
     chosen, rejected, counts = [], [], Counter()
@@ -296,7 +324,7 @@ def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[Pai
     state = train.init_train_state(init_params, opt_cfg, mesh)  # a copy: r0 is reused every iteration
     batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
                                          seed + 7919 * epoch)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "RM", log, mesh)
+    state, history = _run_steps(step, state, batches, cfg.epochs, total, "RM", log, mesh, checkpoint)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
@@ -332,6 +360,8 @@ def validate_config(cfg: ConfigDict) -> None:
     sizes = cfg.prompts
     if len(sizes.policy) != cfg.iterations:
         problems.append(f"prompts.policy has {len(sizes.policy)} sizes but iterations={cfg.iterations}")
+    if cfg.train_checkpoint.every_steps < 0 or cfg.train_checkpoint.every_seconds < 0:
+        problems.append("train_checkpoint.every_steps and .every_seconds must be >= 0 (0 turns a trigger off)")
     if cfg.mt.gate_win_rate is not None and not 0.0 <= cfg.mt.gate_win_rate <= 1.0:
         problems.append(f"mt.gate_win_rate={cfg.mt.gate_win_rate} must be in [0, 1] (or unset: no gate)")
     for source in (cfg.policy.source, cfg.reward_model.source):
@@ -427,11 +457,18 @@ class MutualTaught:
     @contextlib.contextmanager
     def phase(self, name: str):
         """Yields a summary dict to fill; on success the phase is recorded done with it and its wall time.
-        An exception (or Ctrl-C) leaves the phase unrecorded, so a rerun redoes only this phase."""
+        An exception (or Ctrl-C) leaves the phase unrecorded, so a rerun redoes only this phase (a training
+        phase from its last train-state save, see `mtjax.train_checkpoint`)."""
         start = time.perf_counter()
         summary: dict[str, Any] = {}
         yield summary
         self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start})
+        self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
+
+    def train_checkpoint(self, phase: str) -> TrainCheckpoint:
+        c = self.cfg.train_checkpoint
+        return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.every_steps,
+                               every_seconds=c.every_seconds)
 
     def log(self, phase: str) -> Callable[[dict], None]:
         return lambda row: self.rd.log_metrics(_metrics_row(phase, row))
@@ -511,7 +548,8 @@ class MutualTaught:
                                     tied_pairs_skipped=built.num_tied_pairs_skipped)
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("gold"))
                 params, stats = train_reward_model(self.models, self.models.reward_init_params, [pairs],
-                                                   self.cfg.base_rm, self.mesh, self._seed(phase), self.log(phase))
+                                                   self.cfg.base_rm, self.mesh, self._seed(phase), self.log(phase),
+                                                   self.train_checkpoint(phase))
                 self.rd.save_params(f"{phase}/reward_model", params)
                 summary.update({**pairs.counts, **stats})
         return self.rd.load_params(f"{phase}/reward_model", like=self.models.reward_init_params)
@@ -526,7 +564,8 @@ class MutualTaught:
                 pairs = length_controlled_pairs(self.prompt_ids(split), samples, rewards, self.cfg.mt.drop_truncated)
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("policy"))
                 new_params, stats = train_dpo(self.models, policy_params, pairs, self.cfg.dpo, self.mesh,
-                                              self._seed(phase), self.log(phase), str(self.rd.file("reference_cache")))
+                                              self._seed(phase), self.log(phase), str(self.rd.file("reference_cache")),
+                                              self.train_checkpoint(phase))
                 self.rd.save_params(f"iter_{t}/policy", new_params)
                 summary.update({**pairs.counts, **stats, **_length_summary(pairs)})
         return self.rd.load_params(f"iter_{t}/policy", like=self.models.policy_params)
@@ -555,7 +594,8 @@ class MutualTaught:
                 for kind, pairs in pair_sets.items():
                     self.rd.write_jsonl(f"{phase}/{kind}_pairs.jsonl", pairs.rows(kind))
                 params, stats = train_reward_model(self.models, base_rm, list(pair_sets.values()), self.cfg.rm,
-                                                   self.mesh, self._seed(phase), self.log(phase))
+                                                   self.mesh, self._seed(phase), self.log(phase),
+                                                   self.train_checkpoint(phase))
                 self.rd.save_params(f"iter_{t}/reward_model", params)
                 counts = {f"{kind}_{k}": v for kind, pairs in pair_sets.items() for k, v in pairs.counts.items()}
                 summary.update({**counts, **stats})

@@ -6,7 +6,8 @@ Orbax, each its own shards.
 
 Resume is phase-granular: a phase's outputs are written first (each file atomically: temp name,
 then rename), and only then is the phase recorded in `phases.json`. A crash, `kill -9` or Ctrl-C
-therefore loses at most the phase in flight, and a rerun skips every recorded phase.
+therefore loses at most the phase in flight, and a rerun skips every recorded phase (a training phase
+in flight also saves its train state as it goes: `mtjax.train_checkpoint`).
 
 Layout:
     RUN/config.json      the resolved config; a different config is refused unless overridden
@@ -52,9 +53,16 @@ def _canonical(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, indent=2, default=str)
 
 
+# Config sections that change how a run executes, never what it computes: they may differ on resume.
+OPERATIONAL_SECTIONS = ("train_checkpoint",)
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """`key.path: old -> new` for every leaf that differs between two nested configs (as saved in JSON)."""
-    return _diff(json.loads(_canonical(old)), json.loads(_canonical(new)))
+    """`key.path: old -> new` for every leaf that differs between two nested configs (as saved in JSON),
+    leaving out the `OPERATIONAL_SECTIONS`."""
+    old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS}
+                for c in (old, new))
+    return _diff(old, new)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

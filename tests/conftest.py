@@ -25,7 +25,7 @@ def smollm2():
 
 def tiny_config(**mt_overrides):
     """The `tiny` preset on a data-parallel mesh of 2 of the 8 simulated devices (the mesh the
-    two-process test spans with one device per process)."""
+    two-process test spans with one device per process; --config.mesh.data=2 on the command line)."""
     import sys
     from pathlib import Path
 

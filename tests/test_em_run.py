@@ -2,6 +2,7 @@
 
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -73,44 +74,78 @@ def test_report_and_summary_table_render(reference_run):
     assert "policy/gold_reward" in table and "iter 2" in table
 
 
+def _interrupting(monkeypatch, phase: str, step: int, exc: BaseException) -> None:
+    """Makes the run's metrics logger raise `exc` right after logging training step `step` of `phase`."""
+    real_log = MutualTaught.log
+
+    def log(self, name):
+        inner = real_log(self, name)
+
+        def row_then_raise(row):
+            inner(row)
+            if name == phase and row.get("step") == step:
+                raise exc
+        return row_then_raise
+    monkeypatch.setattr(MutualTaught, "log", log)
+
+
+def _train_rows(rd, phase: str) -> dict[int, dict]:
+    """step -> its training metrics row (the last one logged: a resumed phase may log a step again)."""
+    return {r["step"]: r["train"] for r in rd.metrics() if r.get("phase") == phase and "train" in r}
+
+
 def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_path, monkeypatch):
-    """Ctrl-C inside iteration 1's M-step (after its samples were stored) and inside iteration 2's
-    DPO; each rerun continues where the last left off and ends with the same models and metrics."""
+    """A crash in the middle of iteration 1's RM training (resumed from the periodic train-state save,
+    the M-step's stored samples reused) and Ctrl-C in the middle of iteration 2's DPO (saved on the
+    spot); each rerun continues where the last left off and ends with the same models, metrics and
+    per-step training rows as an uninterrupted run."""
     ref_run, ref_results = reference_run
     workdir = str(tmp_path / "resumed")
-    real_rm, real_dpo = em.train_reward_model, em.train_dpo
+    rm_steps = ref_run.rd.summary("iter_1/m_step")["steps"]
+    dpo_steps = ref_run.rd.summary("iter_2/e_step")["steps"]
+    assert rm_steps >= 2 and dpo_steps >= 2  # so that each interruption lands mid-phase
 
-    def interrupt_at_call(n, real):
-        calls = []
+    def config(every_steps: int):
+        cfg = tiny_config()
+        cfg.train_checkpoint.update(every_steps=every_steps, every_seconds=0.0)  # operational: resumable
+        return cfg
 
-        def fake(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == n:
-                raise KeyboardInterrupt
-            return real(*args, **kwargs)
-        return fake
-
-    monkeypatch.setattr(em, "train_reward_model", interrupt_at_call(2, real_rm))  # base_rm, iter_1/m_step
-    run = MutualTaught(tiny_config(), workdir)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    # 1. A crash right after the last RM step was logged: saves came after every earlier step.
+    with monkeypatch.context() as m:
+        _interrupting(m, "iter_1/m_step", rm_steps, RuntimeError("simulated crash"))
+        run = MutualTaught(config(every_steps=1), workdir)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run.run()
     assert run.rd.completed() == PHASES[:4]
     assert run.rd.file("iter_1/m_step/new_policy_samples.jsonl").exists()  # kept for the rerun
+    assert len(run.rd.read_json("iter_1/m_step/train_state/history.json")) == rm_steps - 1
 
-    monkeypatch.setattr(em, "train_reward_model", real_rm)
-    monkeypatch.setattr(em, "train_dpo", interrupt_at_call(1, real_dpo))  # iter_2/e_step
-    run = MutualTaught(tiny_config(), workdir)
-    with pytest.raises(KeyboardInterrupt):
-        run.run()
+    # 2. Ctrl-C after DPO step 1 of iteration 2, no periodic saves: the interrupt itself saves the state.
+    with monkeypatch.context() as m:
+        _interrupting(m, "iter_2/e_step", 1, KeyboardInterrupt())
+        run = MutualTaught(config(every_steps=0), workdir)
+        with pytest.raises(KeyboardInterrupt):
+            run.run()
     assert run.rd.completed() == PHASES[:6]
+    assert not run.rd.file("iter_1/m_step/train_state").exists()  # removed once its phase was recorded
+    assert len(run.rd.read_json("iter_2/e_step/train_state/history.json")) == 1
 
-    monkeypatch.setattr(em, "train_dpo", real_dpo)
     run = MutualTaught(tiny_config(), workdir)
     results = run.run()
     assert without_timings(results) == without_timings(ref_results)
     for t in (1, 2):
         for mine, ref in zip(run.params_at(t), ref_run.params_at(t), strict=True):
             assert_trees_equal(mine, ref)
+    for phase in ("iter_1/m_step", "iter_2/e_step"):
+        assert _train_rows(run.rd, phase) == _train_rows(ref_run.rd, phase)
+        assert {k: v for k, v in run.rd.summary(phase).items() if k != "wall_seconds"} == \
+            {k: v for k, v in ref_run.rd.summary(phase).items() if k != "wall_seconds"}
+    assert not list(run.rd.path.glob("**/train_state"))
+    # Resumed, not redone: only the step logged after the last save was logged (and trained) twice.
+    logged = Counter(r["step"] for r in run.rd.metrics() if r.get("phase") == "iter_1/m_step" and "train" in r)
+    assert logged == {**{s: 1 for s in range(1, rm_steps)}, rm_steps: 2}
+    logged = Counter(r["step"] for r in run.rd.metrics() if r.get("phase") == "iter_2/e_step" and "train" in r)
+    assert logged == {s: 1 for s in range(1, dpo_steps + 1)}
 
 
 def test_changed_config_is_refused(reference_run):

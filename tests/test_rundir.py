@@ -27,6 +27,10 @@ def test_different_config_is_refused_with_the_changes_named(tmp_path):
     with pytest.raises(ConfigMismatchError, match=r"model\.lr: 1e-06 -> 2e-06"):
         RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}})
     RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}}, allow_config_change=True)
+    # How often training saves its state changes nothing computed: added, removed or changed, it resumes.
+    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "train_checkpoint": {"every_steps": 5}})
+    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "train_checkpoint": {"every_steps": 0}})
+    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}})
 
 
 def test_orbax_params_round_trip(tmp_path):
