@@ -64,10 +64,12 @@ def get_config(preset: str = "") -> ConfigDict:
     # accuracy on the gold-labelled pairs among them).
     cfg.eval = ConfigDict(dict(num_samples=4, temperature=0.8))
     cfg.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # Mid-phase saves of a training phase's state (params + optimizer), so a crash or Ctrl-C loses at most
-    # this much training: every `every_steps` steps and/or `every_seconds` seconds (0 = off). Changing
-    # them never blocks resuming a run directory.
-    cfg.train_checkpoint = ConfigDict(dict(every_steps=0, every_seconds=600.0))
+    # Saves inside a phase, so a crash or Ctrl-C loses at most this much work: a training phase's state
+    # (params + optimizer) every `train_every_steps` steps and/or `train_every_seconds` seconds (0 = off);
+    # sampling passes in pieces of `sample_every_prompts` prompts. Changing them never blocks resuming a
+    # run directory (a different piece size batches prompts differently, which can move a draw that float
+    # rounding decides).
+    cfg.checkpoint = ConfigDict(dict(train_every_steps=0, train_every_seconds=600.0, sample_every_prompts=2048))
 
     if preset == "tiny":
         cfg.policy.source = cfg.reward_model.source = "tiny"

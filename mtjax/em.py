@@ -120,14 +120,14 @@ class Sample:
 
 
 def sample_responses(models: Models, params: Any, prompt_ids: Sequence[Sequence[int]], num_samples: int,
-                     cfg: ConfigDict, seed: int, mesh=None) -> list[list[Sample]]:
+                     cfg: ConfigDict, seed: int, mesh=None, first_prompt_index: int = 0) -> list[list[Sample]]:
     """`num_samples` responses per prompt from the policy (temperature/top-p from `cfg`)."""
     from mtjax.sampling import generate
 
     out = generate(models.policy, params, [list(p) for p in prompt_ids], max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_p=cfg.top_p, num_samples=num_samples,
                    eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=seed,
-                   batch_size=cfg.batch_size, mesh=mesh)
+                   batch_size=cfg.batch_size, mesh=mesh, first_prompt_index=first_prompt_index)
     return [[Sample(tuple(int(t) for t in s.token_ids), s.finish_reason == "stop") for s in per_prompt]
             for per_prompt in out]
 
@@ -360,8 +360,10 @@ def validate_config(cfg: ConfigDict) -> None:
     sizes = cfg.prompts
     if len(sizes.policy) != cfg.iterations:
         problems.append(f"prompts.policy has {len(sizes.policy)} sizes but iterations={cfg.iterations}")
-    if cfg.train_checkpoint.every_steps < 0 or cfg.train_checkpoint.every_seconds < 0:
-        problems.append("train_checkpoint.every_steps and .every_seconds must be >= 0 (0 turns a trigger off)")
+    if cfg.checkpoint.train_every_steps < 0 or cfg.checkpoint.train_every_seconds < 0:
+        problems.append("checkpoint.train_every_steps and .train_every_seconds must be >= 0 (0 turns a trigger off)")
+    if cfg.checkpoint.sample_every_prompts < 1:
+        problems.append(f"checkpoint.sample_every_prompts={cfg.checkpoint.sample_every_prompts} must be >= 1")
     if cfg.mt.gate_win_rate is not None and not 0.0 <= cfg.mt.gate_win_rate <= 1.0:
         problems.append(f"mt.gate_win_rate={cfg.mt.gate_win_rate} must be in [0, 1] (or unset: no gate)")
     for source in (cfg.policy.source, cfg.reward_model.source):
@@ -466,9 +468,9 @@ class MutualTaught:
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
     def train_checkpoint(self, phase: str) -> TrainCheckpoint:
-        c = self.cfg.train_checkpoint
-        return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.every_steps,
-                               every_seconds=c.every_seconds)
+        c = self.cfg.checkpoint
+        return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.train_every_steps,
+                               every_seconds=c.train_every_seconds)
 
     def log(self, phase: str) -> Callable[[dict], None]:
         return lambda row: self.rd.log_metrics(_metrics_row(phase, row))
@@ -477,33 +479,51 @@ class MutualTaught:
 
     def samples(self, phase: str, name: str, params: Any, split: str, num_samples: int,
                 rm_params: Any = None, sampling: ConfigDict | None = None) -> tuple[list[list[Sample]], list]:
-        """Samples (and, with `rm_params`, their RM scores) of `split`, read back if already stored."""
-        path = f"{phase}/{name}.jsonl"
+        """Samples (and, with `rm_params`, their RM scores) of `split`, read back if already stored.
+
+        The pass runs in pieces of `checkpoint.sample_every_prompts` prompts; the rows of finished pieces
+        are kept in `NAME.partial.jsonl`, so an interrupted pass resumes with the next piece. Each prompt
+        keeps its index in the split, hence its random draws."""
+        path, partial = f"{phase}/{name}.jsonl", f"{phase}/{name}.partial.jsonl"
         if not self.rd.file(path).exists():
-            prompts = self.prompt_ids(split)
-            start = time.perf_counter()
-            samples = sample_responses(self.models, params, prompts, num_samples, sampling or self.cfg.sampling,
-                                       self._seed(path), self.mesh)
-            seconds = time.perf_counter() - start
-            rewards = [[None] * len(s) for s in samples]
-            if rm_params is not None:
-                flat_p = [p for p, s in zip(prompts, samples, strict=True) for _ in s]
-                flat_r = [x.ids for s in samples for x in s]
-                scores = score_responses(self.models, rm_params, flat_p, flat_r, self.cfg.sampling.batch_size,
-                                         self.mesh)
-                it = iter(scores.tolist())
-                rewards = [[next(it) for _ in s] for s in samples]
-            ids = self.splits[split]["prompt_id"]
-            rows = [{"prompt_id": pid, "sample": k, "response_ids": list(x.ids), "stopped": x.stopped,
-                     "reward": r, "text": response_text(self.models.tokenizer, x)}
-                    for pid, s, rs in zip(ids, samples, rewards, strict=True)
-                    for k, (x, r) in enumerate(zip(s, rs, strict=True))]
+            prompts, ids = self.prompt_ids(split), self.splits[split]["prompt_id"]
+            rows = self.rd.read_jsonl(partial) if self.rd.file(partial).exists() else []
+            piece = self.cfg.checkpoint.sample_every_prompts
+            first = len(rows) // num_samples  # pieces are whole prompts
+            if first and is_primary():
+                print(f"mtjax: {path}: resuming after {first} of {len(prompts)} prompts", flush=True)
+            seconds = tokens = truncated = responses = 0
+            for lo in range(first, len(prompts), piece):
+                start = time.perf_counter()
+                hi = min(lo + piece, len(prompts))
+                samples = sample_responses(self.models, params, prompts[lo:hi], num_samples,
+                                           sampling or self.cfg.sampling, self._seed(path), self.mesh,
+                                           first_prompt_index=lo)
+                rewards = [[None] * len(s) for s in samples]
+                if rm_params is not None:
+                    flat_p = [p for p, s in zip(prompts[lo:hi], samples, strict=True) for _ in s]
+                    flat_r = [x.ids for s in samples for x in s]
+                    scores = score_responses(self.models, rm_params, flat_p, flat_r, self.cfg.sampling.batch_size,
+                                             self.mesh)
+                    it = iter(scores.tolist())
+                    rewards = [[next(it) for _ in s] for s in samples]
+                rows += [{"prompt_id": pid, "sample": k, "response_ids": list(x.ids), "stopped": x.stopped,
+                          "reward": r, "text": response_text(self.models.tokenizer, x)}
+                         for pid, s, rs in zip(ids[lo:hi], samples, rewards, strict=True)
+                         for k, (x, r) in enumerate(zip(s, rs, strict=True))]
+                if hi < len(prompts):
+                    self.rd.write_jsonl(partial, rows)
+                seconds += time.perf_counter() - start
+                tokens += sum(len(x.ids) for s in samples for x in s)
+                truncated += sum(not x.stopped for s in samples for x in s)
+                responses += sum(map(len, samples))
             self.rd.write_jsonl(path, rows)
-            tokens = sum(len(x.ids) for s in samples for x in s)
+            if is_primary():
+                self.rd.file(partial).unlink(missing_ok=True)
             self.rd.log_metrics(_metrics_row(phase, {"sampling": {
-                name: {"responses": sum(map(len, samples)), "tokens": tokens, "seconds": seconds,
-                       "tokens_per_second": tokens / max(seconds, 1e-9),
-                       "truncated": sum(not x.stopped for s in samples for x in s)}}}))
+                name: {"responses": responses, "tokens": tokens, "seconds": seconds,
+                       "tokens_per_second": tokens / max(seconds, 1e-9), "truncated": truncated,
+                       "resumed_after_prompts": first}}}))
         groups = self.sample_rows(path, split)
         samples = [[Sample(tuple(r["response_ids"]), r["stopped"]) for r in group] for group in groups]
         rewards = [[r["reward"] for r in group] for group in groups]

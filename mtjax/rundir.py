@@ -54,7 +54,7 @@ def _canonical(config: Mapping[str, Any]) -> str:
 
 
 # Config sections that change how a run executes, never what it computes: they may differ on resume.
-OPERATIONAL_SECTIONS = ("train_checkpoint",)
+OPERATIONAL_SECTIONS = ("checkpoint",)
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -390,7 +390,7 @@ def _progress(total: int, desc: str, enabled: bool):
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_ids: Sequence[int],
              pad_token_id: int, seed: int = 0, batch_size: int = 32, mesh=None,
-             progress: bool = True) -> list[list[Generation]]:
+             progress: bool = True, first_prompt_index: int = 0) -> list[list[Generation]]:
     """Samples `num_samples` responses for every prompt: `out[prompt][sample]`.
 
     Args:
@@ -401,6 +401,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       eos_token_ids: stop ids (any of them ends a response; may be empty).
       pad_token_id: fills prompt padding and the slots after a stop.
       seed: with (prompt index, sample index) decides every draw.
+      first_prompt_index: the index of `prompts[0]` in a larger list sampled piece by piece, so that each
+        piece uses the random draws one call over the whole list would (prompt i uses index
+        first_prompt_index + i).
       batch_size: at most this many rows (prompt x sample) per jitted call. With `num_samples=K <= batch_size`
         a batch holds `batch_size // K` whole prompts (all their samples, sharing one prefill), i.e.
         `batch_size` is rounded down to a multiple of K; with K > batch_size a prompt's samples are split into
@@ -414,6 +417,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     batch_size = _check_int("batch_size", batch_size, 1)
     top_k = _check_int("top_k", top_k, 0)
     seed = _check_int("seed", seed, 0)
+    first_prompt_index = _check_int("first_prompt_index", first_prompt_index, 0)
     if seed >= 2**32:
         raise ValueError(f"seed must be < 2**32, got {seed}")
     pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
@@ -479,7 +483,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
             prompt_idx = np.zeros(n_prompts * group, np.int32)
             sample_idx = np.zeros(n_prompts * group, np.int32)
             for j, (p, samples) in enumerate(chunk):
-                prompt_idx[j * group: (j + 1) * group] = p
+                prompt_idx[j * group: (j + 1) * group] = first_prompt_index + p
                 sample_idx[j * group: (j + 1) * group] = samples[-1]
                 sample_idx[j * group: j * group + len(samples)] = samples
             batch = _place([ids, mask, prompt_idx, sample_idx], mesh)

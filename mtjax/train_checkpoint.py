@@ -3,7 +3,8 @@ at most the steps since the last save, and the rerun continues exactly where the
 
 The run directory's resume is phase-granular (see `mtjax.rundir`); at the paper's scale one training
 phase runs for hours, so the loop in `mtjax.em` also saves its whole `TrainState` (step, params,
-optimizer state) every `every_steps` optimizer steps and/or every `every_seconds` seconds, and, in a
+optimizer state) every `every_steps` optimizer steps and/or every `every_seconds` seconds (the config's
+`checkpoint.train_every_steps` / `checkpoint.train_every_seconds`), and, in a
 single-process run, once more on Ctrl-C. The per-step metrics saved beside the state make the
 phase's summary of a resumed run equal to an uninterrupted one's. The batch order is a function of
 the phase's seed and the epoch, so skipping the first `step` batches replays nothing and misses nothing.
@@ -54,7 +55,7 @@ class TrainCheckpoint:
 
     def __post_init__(self) -> None:
         if self.every_steps < 0 or self.every_seconds < 0:
-            raise ValueError(f"train_checkpoint.every_steps and .every_seconds must be >= 0 (0 = off), got "
+            raise ValueError(f"every_steps and every_seconds must be >= 0 (0 = off), got "
                              f"{self.every_steps} and {self.every_seconds}")
 
     @property

@@ -107,7 +107,7 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
 
     def config(every_steps: int):
         cfg = tiny_config()
-        cfg.train_checkpoint.update(every_steps=every_steps, every_seconds=0.0)  # operational: resumable
+        cfg.checkpoint.update(train_every_steps=every_steps, train_every_seconds=0.0)  # operational: resumable
         return cfg
 
     # 1. A crash right after the last RM step was logged: saves came after every earlier step.
@@ -146,6 +146,43 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
     assert logged == {**{s: 1 for s in range(1, rm_steps)}, rm_steps: 2}
     logged = Counter(r["step"] for r in run.rd.metrics() if r.get("phase") == "iter_2/e_step" and "train" in r)
     assert logged == {s: 1 for s in range(1, dpo_steps + 1)}
+
+
+def test_an_interrupted_sampling_pass_resumes_with_the_next_piece(tmp_path, monkeypatch):
+    """Ctrl-C in the second of three pieces of a sampling pass: the rerun samples only the pieces left and
+    stores what an uninterrupted pass stores."""
+    cfg = tiny_config()
+    cfg.checkpoint.sample_every_prompts = 2
+    run = MutualTaught(cfg, str(tmp_path / "run"))
+    policy, rm = run.models.policy_params, run.models.reward_init_params
+    assert len(run.prompt_ids("policy_1")) == 6
+    real, pieces = em.sample_responses, []
+
+    def recorded(interrupt_at: int | None):
+        def sample(*args, **kwargs):
+            pieces.append(kwargs["first_prompt_index"])
+            if len(pieces) == interrupt_at:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+        return sample
+
+    def sample_pass():
+        return run.samples("iter_1/e_step", "samples", policy, "policy_1", 3, rm_params=rm)
+
+    with monkeypatch.context() as m:
+        m.setattr(em, "sample_responses", recorded(interrupt_at=2))
+        with pytest.raises(KeyboardInterrupt):
+            sample_pass()
+    assert len(run.rd.read_jsonl("iter_1/e_step/samples.partial.jsonl")) == 2 * 3  # the first piece's rows
+    pieces.clear()
+    with monkeypatch.context() as m:
+        m.setattr(em, "sample_responses", recorded(interrupt_at=None))
+        resumed = sample_pass()
+    assert pieces == [2, 4]
+    assert not run.rd.file("iter_1/e_step/samples.partial.jsonl").exists()
+    rows = run.rd.read_jsonl("iter_1/e_step/samples.jsonl")
+    run.rd.file("iter_1/e_step/samples.jsonl").unlink()
+    assert sample_pass() == resumed and run.rd.read_jsonl("iter_1/e_step/samples.jsonl") == rows
 
 
 def test_changed_config_is_refused(reference_run):

@@ -20,7 +20,7 @@ from mtjax.rundir import RunDir
 REPO = Path(__file__).parents[1]
 # The global mesh of conftest.tiny_config (2 devices, data-parallel); train-state saves after every step
 # exercise the collective mid-phase checkpoint (operational: the single-process reference needs none).
-OVERRIDES = ["--config.mesh.data=2", "--config.train_checkpoint.every_steps=1"]
+OVERRIDES = ["--config.mesh.data=2", "--config.checkpoint.train_every_steps=1"]
 CHECKPOINTS = ("base_rm/reward_model", "iter_1/policy", "iter_1/reward_model", "iter_2/policy", "iter_2/reward_model")
 
 

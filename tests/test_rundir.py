@@ -28,8 +28,8 @@ def test_different_config_is_refused_with_the_changes_named(tmp_path):
         RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}})
     RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}}, allow_config_change=True)
     # How often training saves its state changes nothing computed: added, removed or changed, it resumes.
-    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "train_checkpoint": {"every_steps": 5}})
-    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "train_checkpoint": {"every_steps": 0}})
+    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "checkpoint": {"train_every_steps": 5}})
+    RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}, "checkpoint": {"train_every_steps": 0}})
     RunDir(tmp_path, {"seed": 0, "model": {"lr": 2e-6}})
 
 

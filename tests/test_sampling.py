@@ -209,6 +209,9 @@ def test_seed_and_batch_composition(tiny):
     a = _gen(model, params, SHORT, seed=5, batch_size=8, **kw)
     assert a == _gen(model, params, SHORT, seed=5, batch_size=8, **kw)
     assert a == _gen(model, params, SHORT, seed=5, batch_size=2, **kw)  # other batches, same draws
+    # A list sampled piece by piece (a resumable pass) draws what the whole list does.
+    assert a == (_gen(model, params, SHORT[:1], seed=5, batch_size=8, **kw)
+                 + _gen(model, params, SHORT[1:], seed=5, batch_size=8, first_prompt_index=1, **kw))
     b = _gen(model, params, SHORT, seed=6, batch_size=8, **kw)
     assert a != b
     assert len({g.token_ids for per in a for g in per}) == 6  # samples differ across prompts and samples
