@@ -339,10 +339,19 @@ def _stats(values: Sequence[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": int(len(v))}
 
 
+# Two-sided 95% critical values of Student's t for n − 1 = 1..9 degrees of freedom (then ~normal): with
+# 3 seeds a mean difference must exceed 4.3 standard errors, not 2, to count.
+T_CRITICAL_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
+
+
+def t_critical(n: int) -> float:
+    return T_CRITICAL_95[n - 2] if n - 2 < len(T_CRITICAL_95) else 1.96
+
+
 def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, float], expect: str) -> dict:
     """a − b over the seeds both have (paired: same seed = same prompts, r0 and π0). `expect` '>' means the
     claim predicts a > b. Noise: the standard error of the mean paired difference; the difference counts
-    when |mean| > 2 SE."""
+    when |mean| > t·SE, t the 95% two-sided Student critical value for n − 1 degrees of freedom."""
     seeds = sorted(set(a) & set(b))
     diffs = np.asarray([a[s] - b[s] for s in seeds if not (math.isnan(a[s]) or math.isnan(b[s]))], np.float64)
     row = {"claim": name, "metric": metric, "n": int(len(diffs)), "mean_diff": None, "se": None}
@@ -358,12 +367,13 @@ def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, floa
         return {**row, "verdict": ("direction as claimed" if right else "opposite to claim")
                 + " (1 seed: no noise estimate)"}
     se = float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
-    row["se"] = se
-    beyond = abs(mean) > 2 * se
+    t = t_critical(len(diffs))
+    row.update(se=se, t=t)
+    beyond = abs(mean) > t * se
     if right:
-        verdict = "supported (|diff| > 2 SE)" if beyond else "direction as claimed, within noise"
+        verdict = f"supported (|diff| > {t:.1f} SE)" if beyond else "direction as claimed, within noise"
     else:
-        verdict = "contradicted (|diff| > 2 SE)" if beyond else "opposite to claim, within noise"
+        verdict = f"contradicted (|diff| > {t:.1f} SE)" if beyond else "opposite to claim, within noise"
     return {**row, "verdict": verdict}
 
 
@@ -460,7 +470,8 @@ def markdown(results: Mapping) -> str:
                 lines.append(f"| {arm} | {t} | " + " | ".join(_cell(stats[k]) for k in keys) + " |")
         lines.append("")
     lines += ["## Claims", "", "Differences are paired over seeds (a − b per seed, then mean); SE = std of the "
-              "per-seed differences / √n; a difference counts when |mean diff| > 2 SE.", "",
+              "per-seed differences / √n; a difference counts when |mean diff| > t·SE, t the two-sided 95% Student "
+              "critical value for n − 1 degrees of freedom (4.3 for 3 seeds).", "",
               "| claim | metric | mean diff | SE | n | verdict |", "| --- | --- | ---: | ---: | ---: | --- |"]
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['metric']} | {_num(c['mean_diff'])} | "

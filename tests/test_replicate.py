@@ -87,3 +87,15 @@ def test_overrides_and_bad_arguments(replicate):
                  ["--override", "no.such=1"], ["--override", "sampling.max_new_tokens=abc"]):
         with pytest.raises(SystemExit):
             replicate.parse_args(argv)
+
+
+def test_claim_verdicts_use_student_t_for_few_seeds(replicate):
+    seeds = {0: 0.0, 1: 0.0, 2: 0.0}
+    # mean 0.1, SE 0.029: 3.5 SE, beyond 2 SE but not beyond t(2 dof) = 4.3, so within the noise of 3 seeds
+    noisy = replicate.compare("c", "m", {0: 0.10, 1: 0.15, 2: 0.05}, seeds, ">")
+    assert noisy["verdict"] == "direction as claimed, within noise" and noisy["t"] == pytest.approx(4.303)
+    clear = replicate.compare("c", "m", {0: 0.10, 1: 0.12, 2: 0.08}, seeds, ">")  # 8.7 SE
+    assert clear["verdict"].startswith("supported") and clear["mean_diff"] == pytest.approx(0.1)
+    against = replicate.compare("c", "m", seeds, {0: 0.10, 1: 0.12, 2: 0.08}, ">")
+    assert against["verdict"].startswith("contradicted")
+    assert replicate.t_critical(30) == 1.96
