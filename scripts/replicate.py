@@ -377,6 +377,36 @@ def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, floa
     return {**row, "verdict": verdict}
 
 
+def _policy_pairs(arm_dir: Path, t: int) -> dict[tuple, tuple] | None:
+    path = arm_dir / f"iter_{t}" / "e_step" / "pairs.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {tuple(r["prompt_ids"]): (tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in rows}
+
+
+def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], iterations: Sequence[int]) -> dict:
+    """arm -> t -> stats over seeds of the fraction of mutual's E-step pairs at iteration t that the arm's
+    E-step chose identically (same prompt, same chosen and rejected response). An M-step variant can only
+    change the policy through these pairs: at 1.0 its π_t is mutual's."""
+    out: dict[str, dict[str, dict]] = {}
+    for arm in arms:
+        if arm in ("mutual", "frozen", "offline"):  # frozen and offline see other prompts in their E-steps
+            continue
+        for t in iterations:
+            if t < 2:  # iteration 1's E-step uses r0 and π0 in every arm
+                continue
+            fractions = []
+            for seed in seeds:
+                ours = _policy_pairs(workdir / f"seed_{seed}" / "mutual", t)
+                theirs = _policy_pairs(workdir / f"seed_{seed}" / arm, t)
+                if ours and theirs is not None:
+                    fractions.append(float(np.mean([theirs.get(k) == v for k, v in ours.items()])))
+            if fractions:
+                out.setdefault(arm, {})[str(t)] = {**_stats(fractions), "values": fractions}
+    return out
+
+
 def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
     per_seed: dict[str, dict[int, dict[int, dict[str, float]]]] = {}  # arm -> seed -> t -> metric
     seconds: dict[str, dict[int, float]] = {}
@@ -435,6 +465,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
             claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
                                   final(other, key), ">"))
     return {"arms": table, "claims": claims,
+            "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),
             "wall_seconds": {arm: {str(s): v for s, v in by.items()} for arm, by in seconds.items()},
             "per_seed": {arm: {str(s): {str(t): m for t, m in runs.items()} for s, runs in by.items()}
                          for arm, by in per_seed.items()}}
@@ -476,6 +507,14 @@ def markdown(results: Mapping) -> str:
     for c in results["claims"]:
         lines.append(f"| {c['claim']} | {c['metric']} | {_num(c['mean_diff'])} | "
                      f"{'-' if c['se'] is None else format(c['se'], '.4f')} | {c['n']} | {c['verdict']} |")
+    if results.get("pair_agreement"):
+        lines += ["", "## E-step pairs shared with mutual", "",
+                  "Fraction of mutual's E-step pairs at iteration t that the arm chose identically (same prompt, "
+                  "chosen and rejected): an M-step variant reaches the policy only through these pairs, so at 1.0 "
+                  "its π_t equals mutual's.", "", "| arm | iter | shared pairs |", "| --- | ---: | ---: |"]
+        for arm, by_t in results["pair_agreement"].items():
+            for t, stat in by_t.items():
+                lines.append(f"| {arm} | {t} | {_cell(stat)} |")
     lines += ["", "## Compute time per arm (s; own phases + AlpacaEval, shared base phases counted in mutual)", "",
               "| arm | " + " | ".join(f"seed {s}" for s in meta["seeds"]) + " |",
               "| --- | " + " | ".join("---:" for _ in meta["seeds"]) + " |"]
