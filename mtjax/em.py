@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from mtjax import data
 from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
-from mtjax.train_checkpoint import TrainCheckpoint
+from mtjax.train_checkpoint import TrainCheckpoint, host_metrics
 
 RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
 # Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
@@ -247,7 +247,7 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                     if seen <= start:
                         continue
                     state, pending = step_fn(state, shard_global_batch(batch, mesh))
-                    row = {k: float(v) for k, v in jax.device_get(pending).items()}
+                    row = host_metrics(pending)
                     pending = None
                     history.append(row)
                     log({"step": len(history), "epoch": epoch, "train": row})

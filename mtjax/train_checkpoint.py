@@ -33,6 +33,11 @@ from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
 
 
+def host_metrics(metrics: Any) -> dict[str, float]:
+    """A train step's metrics as one row of Python floats (blocks until the step has run)."""
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
 def _all_agree(flag: bool) -> bool:
     """Process 0's decision, the same on every process (a save is a collective write)."""
     if jax.process_count() == 1:
@@ -106,17 +111,17 @@ class TrainCheckpoint:
             return
         try:
             step = int(jax.device_get(state.step))
-            if step == len(history) + 1 and pending_metrics is not None:  # the step ran; its row wasn't logged
-                row = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
-                history.append(row)
-                log(row)
-            if step != len(history):
-                return
-            print(f"mtjax: interrupted; saving the train state at step {step} to "
-                  f"{self.run_dir.file(self.folder)} (Ctrl-C again abandons it)", file=sys.stderr)
-            self.save(state, history)
         except RuntimeError:  # the state was donated to a step that never returned: keep the last save
             return
+        if step == len(history) + 1 and pending_metrics is not None:  # the step ran; its row wasn't logged
+            row = host_metrics(pending_metrics)
+            history.append(row)
+            log(row)
+        if step != len(history):
+            return
+        print(f"mtjax: interrupted; saving the train state at step {step} to "
+              f"{self.run_dir.file(self.folder)} (Ctrl-C again abandons it)", file=sys.stderr)
+        self.save(state, history)
 
     def clear(self) -> None:
         if is_primary():
