@@ -22,10 +22,13 @@ _init = nn.initializers.normal(stddev=0.02)
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values `[B,K,S,H]` and the number of slots already written.
+    """Per-layer keys `[B,K,H,S]`, values `[B,K,S,H]`, and the number of slots already written.
 
-    Heads before slots: a decode step then reads the cache as a batched `[S,H]` matrix per (batch, kv head)
-    in place; with `[B,S,K,H]` XLA transposed the whole cache of every layer at every step."""
+    Each (batch, kv head) holds its keys as an `[H,S]` and its values as an `[S,H]` matrix, the operand
+    layouts of the two attention products `q @ K` and `p @ V`, read in place. With `[B,S,K,H]` XLA
+    transposed the whole cache of every layer at every decode step; with keys `[B,K,S,H]` the `q @ K^T`
+    product alone took a quarter of a decode step on CPU (measured: 82.7 -> 68.0 ms per step of
+    SmolLM2-135M at batch 32)."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -33,11 +36,12 @@ class KVCache(NamedTuple):
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> KVCache:
-    shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
-    return KVCache(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-                   index=jnp.zeros((), jnp.int32))
+    keys = tuple(jnp.zeros((batch_size, cfg.num_kv_heads, cfg.head_dim, max_length), dtype)
+                 for _ in range(cfg.num_layers))
+    values = tuple(jnp.zeros((batch_size, cfg.num_kv_heads, max_length, cfg.head_dim), dtype)
+                   for _ in range(cfg.num_layers))
+    return KVCache(keys=keys, values=values, index=jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -110,13 +114,14 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def cached_attention(q_btnh, k_bksh, v_bksh, mask_b1ts, scale: float):
-    """Grouped-query attention of T new queries over a `[B,K,S,H]` cache (query head n reads kv head
-    n // (N/K), as transformers groups them); softmax in float32, as `jax.nn.dot_product_attention`."""
+def cached_attention(q_btnh, k_bkhs, v_bksh, mask_b1ts, scale: float):
+    """Grouped-query attention of T new queries over cached keys `[B,K,H,S]` and values `[B,K,S,H]` (query
+    head n reads kv head n // (N/K), as transformers groups them); softmax in float32, as
+    `jax.nn.dot_product_attention`."""
     batch, length, heads, head_dim = q_btnh.shape
-    kv_heads = k_bksh.shape[1]
+    kv_heads = k_bkhs.shape[1]
     q_bkgth = q_btnh.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q_bkgth, k_bkhs, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
     out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
@@ -144,9 +149,10 @@ class Attention(nn.Module):
                 q_btnh, k_btkh, v_btkh, mask=mask_b1ts, scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl)
         else:
             cache_k, cache_v = layer_cache
-            start = (0, 0, cache_index, 0)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh.transpose(0, 2, 1, 3).astype(cache_k.dtype), start)
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v_btkh.transpose(0, 2, 1, 3).astype(cache_v.dtype), start)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh.transpose(0, 2, 3, 1).astype(cache_k.dtype),
+                                                   (0, 0, 0, cache_index))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v_btkh.transpose(0, 2, 1, 3).astype(cache_v.dtype),
+                                                   (0, 0, cache_index, 0))
             new_cache = (cache_k, cache_v)
             out_btnh = cached_attention(q_btnh, cache_k.astype(dtype), cache_v.astype(dtype), mask_b1ts,
                                         cfg.head_dim**-0.5)
@@ -204,9 +210,9 @@ class Decoder(nn.Module):
             query_slots = jnp.arange(length)
             cache_index = 0
         else:
-            if attention_mask is None or attention_mask.shape[1] != cache.keys[0].shape[2]:
+            if attention_mask is None or attention_mask.shape[1] != cache.values[0].shape[2]:
                 raise ValueError("with a KV cache, attention_mask must cover all cache slots: shape "
-                                 f"[B, {cache.keys[0].shape[2]}], got "
+                                 f"[B, {cache.values[0].shape[2]}], got "
                                  f"{None if attention_mask is None else attention_mask.shape}")
             kv_mask = attention_mask
             cache_index = cache.index
