@@ -45,6 +45,8 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    # None / "xla": mtjax's grouped einsum attention (`llama.grouped_attention`); "cudnn": the cuDNN flash
+    # kernel through `jax.nn.dot_product_attention` (GPU only; training and scoring, not the KV-cache path).
     attention_impl: str | None = None
 
     def __post_init__(self) -> None:

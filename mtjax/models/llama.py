@@ -9,6 +9,7 @@ F MLP width, V vocab.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -114,18 +115,67 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def cached_attention(q_btnh, k_bkhs, v_bksh, mask_b1ts, scale: float):
-    """Grouped-query attention of T new queries over cached keys `[B,K,H,S]` and values `[B,K,S,H]` (query
-    head n reads kv head n // (N/K), as transformers groups them); softmax in float32, as
-    `jax.nn.dot_product_attention`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x, kernel, n_contract: int):
+    """x's trailing `n_contract` axes against the kernel's leading ones."""
+    dims = ((tuple(range(x.ndim - n_contract, x.ndim)), tuple(range(n_contract))), ((), ()))
+    return jax.lax.dot_general(x, kernel, dims)
+
+
+def _project_fwd(x, kernel, n_contract):
+    return _project(x, kernel, n_contract), (x, kernel)
+
+
+def _project_bwd(n_contract, res, d_y):
+    x, kernel = res
+    n_lead = x.ndim - n_contract
+    d_x = jax.lax.dot_general(d_y, kernel, ((tuple(range(n_lead, d_y.ndim)), tuple(range(n_contract, kernel.ndim))),
+                                            ((), ())), preferred_element_type=jnp.float32)
+    # Activations on the left: x^T @ dy.
+    d_kernel = jax.lax.dot_general(x, d_y, ((tuple(range(n_lead)), tuple(range(n_lead))), ((), ())),
+                                   preferred_element_type=jnp.float32)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+def projection_dot(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """The `dot_general` of every projection (`nn.Dense` / `nn.DenseGeneral`): x's trailing axes against the
+    kernel's leading ones.
+
+    Same forward as `lax.dot_general`; the difference is the backward pass, which computes the kernel
+    gradient as `x^T @ dy` with the activations on the left. Left to autodiff, XLA:CPU wrote the wider
+    cotangent (e.g. the `[tokens, F]` SwiGLU gradient) transposed from inside an elementwise fusion, ~35 ms
+    per layer for SmolLM2-135M at 2048 tokens (the reward-model step: 11.5 -> 9.7 s)."""
+    (contract_x, contract_k), (batch_x, _) = dimension_numbers
+    n = len(contract_x)
+    if batch_x or precision is not None or preferred_element_type is not None or \
+            tuple(contract_x) != tuple(range(x.ndim - n, x.ndim)) or tuple(contract_k) != tuple(range(n)):
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    return _project(x, kernel, n)
+
+
+def grouped_attention(q_btnh, k_cache, v_bksh, mask_b1ts, scale: float, keys: str = "bkhs"):
+    """Grouped-query attention of T queries over keys `[B,K,H,S]` (`keys="bkhs"`, the KV-cache layout) or
+    `[B,K,S,H]` (`keys="bksh"`) and values `[B,K,S,H]`. Query head n reads kv head n // (N/K), as
+    transformers groups them; softmax in float32, as `jax.nn.dot_product_attention`.
+
+    The G = N/K query heads of a kv head are stacked as G*T rows of one `[G*T, S]` score matrix per
+    (batch, kv head), so both products are plain batched matmuls: on CPU this runs the DPO/RM train step
+    ~5 % faster than `jax.nn.dot_product_attention`'s XLA path."""
     batch, length, heads, head_dim = q_btnh.shape
-    kv_heads = k_bkhs.shape[1]
-    q_bkgth = q_btnh.reshape(batch, length, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgth,bkhs->bkgts", q_bkgth, k_bkhs, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    q_bkqh = q_btnh.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4).reshape(
+        batch, kv_heads, group * length, head_dim)
+    scores = jnp.einsum(f"bkqh,{keys}->bkqs", q_bkqh, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(jnp.tile(mask_b1ts, (1, 1, group, 1)), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
-    out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
-    return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+    out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs, v_bksh)
+    return out_bkqh.reshape(batch, kv_heads, group, length, head_dim).transpose(0, 3, 1, 2, 4).reshape(
+        batch, length, heads, head_dim)
 
 
 class Attention(nn.Module):
@@ -138,15 +188,19 @@ class Attention(nn.Module):
 
         def proj(heads, name):
             return nn.DenseGeneral((heads, cfg.head_dim), use_bias=cfg.attention_bias, dtype=dtype,
-                                   param_dtype=pdtype, kernel_init=_init, name=name)(x_btd)
+                                   param_dtype=pdtype, kernel_init=_init, dot_general=projection_dot,
+                                   name=name)(x_btd)
 
         q_btnh = apply_rope(proj(cfg.num_heads, "q_proj"), cos, sin)
         k_btkh = apply_rope(proj(cfg.num_kv_heads, "k_proj"), cos, sin)
         v_btkh = proj(cfg.num_kv_heads, "v_proj")
         new_cache = None
-        if layer_cache is None:
+        if layer_cache is None and cfg.attention_impl == "cudnn":
             out_btnh = jax.nn.dot_product_attention(
-                q_btnh, k_btkh, v_btkh, mask=mask_b1ts, scale=cfg.head_dim**-0.5, implementation=cfg.attention_impl)
+                q_btnh, k_btkh, v_btkh, mask=mask_b1ts, scale=cfg.head_dim**-0.5, implementation="cudnn")
+        elif layer_cache is None:
+            out_btnh = grouped_attention(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), mask_b1ts,
+                                         cfg.head_dim**-0.5, keys="bksh")
         else:
             cache_k, cache_v = layer_cache
             cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh.transpose(0, 2, 3, 1).astype(cache_k.dtype),
@@ -154,10 +208,11 @@ class Attention(nn.Module):
             cache_v = jax.lax.dynamic_update_slice(cache_v, v_btkh.transpose(0, 2, 1, 3).astype(cache_v.dtype),
                                                    (0, 0, cache_index, 0))
             new_cache = (cache_k, cache_v)
-            out_btnh = cached_attention(q_btnh, cache_k.astype(dtype), cache_v.astype(dtype), mask_b1ts,
-                                        cfg.head_dim**-0.5)
+            out_btnh = grouped_attention(q_btnh, cache_k.astype(dtype), cache_v.astype(dtype), mask_b1ts,
+                                         cfg.head_dim**-0.5)
         out_btd = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), use_bias=cfg.attention_bias, dtype=dtype,
-                                  param_dtype=pdtype, kernel_init=_init, name="o_proj")(out_btnh)
+                                  param_dtype=pdtype, kernel_init=_init, dot_general=projection_dot,
+                                  name="o_proj")(out_btnh)
         return out_btd, new_cache
 
 
@@ -169,7 +224,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         dense = lambda width, name: nn.Dense(width, use_bias=cfg.mlp_bias, dtype=jnp.dtype(cfg.dtype),
                                              param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_init,
-                                             name=name)
+                                             dot_general=projection_dot, name=name)
         hidden_btf = nn.silu(dense(cfg.intermediate_size, "gate_proj")(x_btd)) * dense(
             cfg.intermediate_size, "up_proj")(x_btd)
         return dense(cfg.hidden_size, "down_proj")(hidden_btf)
