@@ -76,6 +76,12 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSON-lines file (blank lines skipped); reads a run directory without opening it as one."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class RunDir:
     """A run directory bound to one config. `RunDir(path, config)` creates or reopens it."""
 
@@ -161,8 +167,7 @@ class RunDir:
         return path
 
     def read_jsonl(self, relpath: str) -> list[dict]:
-        with open(self.file(relpath)) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_jsonl(self.file(relpath))
 
     def log_metrics(self, row: Mapping[str, Any]) -> None:
         """Appends one row to metrics.jsonl (flushed and fsynced: a crash keeps every logged row)."""

@@ -378,10 +378,12 @@ def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, floa
 
 
 def _policy_pairs(arm_dir: Path, t: int) -> dict[tuple, tuple] | None:
+    from mtjax.rundir import read_jsonl
+
     path = arm_dir / f"iter_{t}" / "e_step" / "pairs.jsonl"
     if not path.is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return {tuple(r["prompt_ids"]): (tuple(r["chosen_ids"]), tuple(r["rejected_ids"])) for r in rows}
 
 
