@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from tiny_hf import TINY_CASES, hf_forward, make_hf_model, padded_batch
 
 from mtjax.models import init_cache, load_hf, save_hf
+from mtjax.models.hf import params_to_hf_tensors
 
 TOL = 1e-4
 LENGTHS, TOTAL = [12, 7, 3], 12  # a full row, a mid row and a short row
@@ -125,10 +127,6 @@ def test_kv_cache_decode_equals_full_forward(causal_case):
 def test_gradients_match_torch_autograd(causal_case):
     """The custom backward passes (projection kernels' `x^T @ dy`, grouped attention) give PyTorch's gradients:
     d(sum of masked next-token log-probs) / d(every weight), compared tensor by tensor in HF layout."""
-    import torch
-
-    from mtjax.models.hf import params_to_hf_tensors
-
     name, hf_model, model, params = causal_case
     ids, mask = padded_batch(LENGTHS, TOTAL, "left")
     labels, label_mask = ids[:, 1:], mask[:, 1:] * mask[:, :-1]

@@ -157,20 +157,20 @@ def projection_dot(x, kernel, dimension_numbers, precision=None, preferred_eleme
     return _project(x, kernel, n)
 
 
-def grouped_attention(q_btnh, k_cache, v_bksh, mask_b1ts, scale: float, keys: str = "bkhs"):
-    """Grouped-query attention of T queries over keys `[B,K,H,S]` (`keys="bkhs"`, the KV-cache layout) or
-    `[B,K,S,H]` (`keys="bksh"`) and values `[B,K,S,H]`. Query head n reads kv head n // (N/K), as
+def grouped_attention(q_btnh, k, v_bksh, mask_b1ts, scale: float, k_layout: str = "bkhs"):
+    """Grouped-query attention of T queries over keys `k` laid out `[B,K,H,S]` (`k_layout="bkhs"`, the KV
+    cache's) or `[B,K,S,H]` (`k_layout="bksh"`) and values `[B,K,S,H]`. Query head n reads kv head n // (N/K), as
     transformers groups them; softmax in float32, as `jax.nn.dot_product_attention`.
 
     The G = N/K query heads of a kv head are stacked as G*T rows of one `[G*T, S]` score matrix per
     (batch, kv head), so both products are plain batched matmuls: on CPU this runs the DPO/RM train step
     ~5 % faster than `jax.nn.dot_product_attention`'s XLA path."""
     batch, length, heads, head_dim = q_btnh.shape
-    kv_heads = k_cache.shape[1]
+    kv_heads = k.shape[1]
     group = heads // kv_heads
     q_bkqh = q_btnh.reshape(batch, length, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4).reshape(
         batch, kv_heads, group * length, head_dim)
-    scores = jnp.einsum(f"bkqh,{keys}->bkqs", q_bkqh, k_cache, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum(f"bkqh,{k_layout}->bkqs", q_bkqh, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(jnp.tile(mask_b1ts, (1, 1, group, 1)), scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
     out_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs, v_bksh)
@@ -200,7 +200,7 @@ class Attention(nn.Module):
                 q_btnh, k_btkh, v_btkh, mask=mask_b1ts, scale=cfg.head_dim**-0.5, implementation="cudnn")
         elif layer_cache is None:
             out_btnh = grouped_attention(q_btnh, k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3), mask_b1ts,
-                                         cfg.head_dim**-0.5, keys="bksh")
+                                         cfg.head_dim**-0.5, k_layout="bksh")
         else:
             cache_k, cache_v = layer_cache
             cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh.transpose(0, 2, 3, 1).astype(cache_k.dtype),
