@@ -1,107 +1,117 @@
 """Mutual-Taught run configurations: `--config=configs/mt.py[:PRESET]` with `--config.a.b=value` overrides.
 
+Every section holds the fields of the library's dataclasses by name (`mtjax.settings` lists which), at the
+library's defaults unless set here: any setting of the model, the DPO/IPO/SimPO objective, AdamW, the
+sampler or the loop can be changed from the command line, e.g. `--config.dpo.label_smoothing=0.1`,
+`--config.policy.attention_impl=cudnn`, `--config.rm.b2=0.95`. Model fields left unset come from the
+checkpoint.
+
 Presets:
   default  the offline testbed: SmolLM2-135M-Instruct policy, an RM grown from SmolLM2's backbone and
            trained on the gold-labelled "human" split, generated verifiable-instruction prompts, T = 2;
            sized for a 2-core CPU (uses a GPU automatically when JAX sees one).
   tiny     random tiny models on SmolLM2's tokenizer, a handful of prompts: seconds per phase (tests, CI).
   gpu      the testbed at a scale that shows the effect on one GPU (thousands of prompts).
-  paper    the paper's hyper-parameters (Llama-3-8B-Instruct + FsfairX RM, UltraFeedback prompts, K=5,
-           β=0.01, lr 7e-7 / 2e-6, batch 128 / 512, length 2048, remat, FSDP over all devices); give
-           hub access or local paths (--config.policy.source=DIR ... --config.prompts.source=FILE).
+  paper    the paper's setting: Llama-3-8B-Instruct + FsfairX-LLaMA3-RM-v0.1 from the hub (or local folders),
+           UltraFeedback prompts, K=5, β=0.01, lr 7e-7 / 2e-6, batch 128 / 512, length 2048, remat, FSDP over
+           all devices; evaluated on AlpacaEval 2, Arena-Hard and RewardBench.
 """
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
+
+from mtjax import settings
+from mtjax.iteration_eval import EvalConfig
+from mtjax.models.config import ModelConfig
+from mtjax.prompt_sets import PromptConfig
+from mtjax.sampling import SamplingConfig
+from mtjax.sources import ModelSource
+from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig
 
 PRESETS = ("default", "tiny", "gpu", "paper")
-
-
-def _train(lr: float, batch: int, max_length: int, epochs: int = 1, weight_decay: float = 0.0,
-           warmup_ratio: float = 0.1) -> ConfigDict:
-    return ConfigDict(dict(learning_rate=lr, batch_size=batch, num_micro_batches=1, max_length=max_length,
-                           warmup_ratio=warmup_ratio, weight_decay=weight_decay, epochs=epochs))
+TRAINING = (OptimizerConfig, settings.TrainingRun)
 
 
 def get_config(preset: str = "") -> ConfigDict:
     preset = preset or "default"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/mt.py; available: {', '.join(PRESETS)}")
+    section = settings.section
     cfg = ConfigDict()
     cfg.preset = preset
     cfg.seed = 0
     cfg.iterations = 2
     # dtype: compute dtype; param_dtype: master weights (keep float32 when training in bfloat16).
-    cfg.policy = ConfigDict(dict(source="smollm2", dtype="float32", param_dtype="float32", remat=False))
-    cfg.reward_model = ConfigDict(dict(source="smollm2", dtype="float32", param_dtype="float32", remat=False,
-                                       head_seed=0))
-    # source: 'testbed' (generated verifiable-instruction prompts) or a prompt set for D_1..D_T and D_R
-    # (local .jsonl/.parquet, a save_to_disk folder, or a hub id read with `split` / `column`); the
-    # held-out evaluation and the base-RM label split always come from the testbed.
-    cfg.prompts = ConfigDict(dict(source="testbed", split="train", column="prompt", seed=0, policy=(8, 8),
-                                  reward_model=8, base_rm_labels=8, heldout_eval=8))
+    model = dict(dtype="float32", param_dtype="float32", remat=False)
+    cfg.policy = section(ModelSource, ModelConfig, source="smollm2", **model)
+    cfg.reward_model = section(ModelSource, ModelConfig, source="smollm2", **model)
+    cfg.prompts = section(PromptConfig, max_prompt_tokens=192)
     # The default is sized for a 2-core CPU (about 10 minutes): few prompts, short responses, one epoch.
-    cfg.sampling = ConfigDict(dict(num_samples=4, temperature=0.8, top_p=0.95, max_new_tokens=48, batch_size=32))
+    cfg.sampling = section(SamplingConfig, num_samples=4, temperature=0.8, top_p=0.95, max_new_tokens=48,
+                           batch_size=32, max_batch_tokens=16384)
     # So few steps cannot afford a warm-up from lr 0 (it would waste half of them): cosine from the peak.
-    cfg.dpo = _train(lr=1e-5, batch=8, max_length=256, warmup_ratio=0.0)
-    cfg.dpo.loss_type = "dpo"  # dpo | ipo | hinge | simpo
-    cfg.dpo.beta = 0.1
-    cfg.rm = _train(lr=5e-5, batch=8, max_length=256, weight_decay=0.001, warmup_ratio=0.0)
-    # r0: trained on gold-labelled pairs of the base policy's samples (the "human" split); disable when
-    # the reward-model source is already a trained RM (the paper's FsfairX).
-    cfg.base_rm = _train(lr=5e-5, batch=8, max_length=256, epochs=2, weight_decay=0.001, warmup_ratio=0.0)
-    cfg.base_rm.enabled = True
-    # rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only.
-    # drop_truncated: leave responses that hit max_new_tokens out of pairs (off in the CPU default, whose
-    # 48-token budget truncates most of SmolLM2's answers; every truncated response is still counted).
-    # gate_win_rate τ (unset = no gate): after iteration t, keep π_t only if r_t prefers its held-out
-    # responses to the kept policy's at a rate ≥ τ; otherwise the next iteration starts from the kept one.
-    # policy_prompts: own (D_t) | with_rm (D_t plus a 1/T share of D_R, for the RM-frozen baselines).
-    # schedule: iterative | offline (one DPO round from π0 on all training prompts, scored by r0).
-    cfg.mt = ConfigDict(dict(rm_update="mutual", drop_truncated=False, contrastive_filter=False,
-                             gate_win_rate=config_dict.placeholder(float), policy_prompts="own",
-                             schedule="iterative"))
-    # Held-out evaluation: num_samples responses per prompt (gold reward, IFEval accuracies, and RM
-    # accuracy on the gold-labelled pairs among them).
-    cfg.eval = ConfigDict(dict(num_samples=4, temperature=0.8))
-    cfg.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    # Saves inside a phase, so a crash or Ctrl-C loses at most this much work: a training phase's state
-    # (params + optimizer) every `train_every_steps` steps and/or `train_every_seconds` seconds (0 = off);
-    # sampling passes in pieces of `sample_every_prompts` prompts. Changing them never blocks resuming a
-    # run directory (a different piece size batches prompts differently, which can move a draw that float
-    # rounding decides).
-    cfg.checkpoint = ConfigDict(dict(train_every_steps=0, train_every_seconds=600.0, sample_every_prompts=2048))
+    # The reference log-probs of π_{t-1} are computed once per E-step and cached ("precomputed").
+    cfg.dpo = section(DPOConfig, *TRAINING, loss_type="dpo", beta=0.1, reference="precomputed", learning_rate=1e-5,
+                      batch_size=8, max_length=256, warmup_ratio=0.0)
+    cfg.rm = section(RewardConfig, *TRAINING, learning_rate=5e-5, batch_size=8, max_length=256, weight_decay=0.001,
+                     warmup_ratio=0.0)
+    # r0: trained on gold-labelled pairs of the base policy's samples (the "human" split); disabled when the
+    # reward-model source is already a trained RM (the paper's FsfairX).
+    cfg.base_rm = section(settings.BaseRMPhase, RewardConfig, *TRAINING, learning_rate=5e-5, batch_size=8,
+                          max_length=256, epochs=2, weight_decay=0.001, warmup_ratio=0.0)
+    # The loop's switches (settings.MTConfig): rm_update, drop_truncated (off in the CPU default, whose
+    # 48-token budget truncates most of SmolLM2's answers; truncated responses are always counted), the
+    # contrastive filter, the checkpoint gate, the baselines' prompt share and schedule.
+    cfg.mt = section(settings.MTConfig)
+    # Held-out evaluation: num_samples responses per testbed prompt (gold reward, IFEval accuracies, and RM
+    # accuracy on the gold-labelled pairs among them); the paper preset evaluates on its benchmarks.
+    cfg.eval = section(EvalConfig, num_samples=4, temperature=0.8)
+    cfg.mesh = section(settings.MeshConfig)
+    # Saves inside a phase (settings.CheckpointConfig); changing them never blocks resuming a run directory.
+    cfg.checkpoint = section(settings.CheckpointConfig)
 
     if preset == "tiny":
         cfg.policy.source = cfg.reward_model.source = "tiny"
-        cfg.prompts.update(policy=(6, 6), reward_model=6, base_rm_labels=8, heldout_eval=6)
-        cfg.sampling.update(num_samples=3, max_new_tokens=12, batch_size=16)
+        cfg.prompts.update(policy=(6, 6), reward_model=6, base_rm_labels=8, heldout_eval=6, max_prompt_tokens=176)
+        cfg.sampling.update(num_samples=3, max_new_tokens=12, batch_size=16, max_batch_tokens=8192)
         cfg.eval.num_samples = 2
-        for section in (cfg.dpo, cfg.rm, cfg.base_rm):
-            section.update(batch_size=4, max_length=128, epochs=1, learning_rate=1e-3)
+        for name in ("dpo", "rm", "base_rm"):
+            cfg[name].update(batch_size=4, max_length=192, epochs=1, learning_rate=1e-3)
         cfg.mesh.data = 1
     elif preset == "gpu":
         cfg.policy.dtype = cfg.reward_model.dtype = "bfloat16"
-        cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300)
-        cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256)
+        cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300,
+                           max_prompt_tokens=512)
+        cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256, max_batch_tokens=262144)
         cfg.mt.drop_truncated = True
         cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1)
         cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
         cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
         cfg.eval.num_samples = 4
     elif preset == "paper":
-        cfg.policy.update(source="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16")
-        cfg.reward_model.update(source="sfairXC/FsfairX-LLaMA3-RM-v0.1", dtype="bfloat16")
-        cfg.prompts.update(source="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", column="prompt",
-                           policy=(20000, 20000), reward_model=20000)
-        cfg.sampling.update(num_samples=5, temperature=0.8, top_p=0.95, max_new_tokens=1024, batch_size=512)
-        cfg.mt.drop_truncated = True
-        cfg.policy.remat = cfg.reward_model.remat = True
-        # Global batches as in the paper, accumulated exactly over micro-batches of 1 pair per device
-        # on 8 devices (`python -m mtjax.plan --config=configs/mt.py:paper` shows the memory).
-        cfg.dpo = _train(lr=7e-7, batch=128, max_length=2048)
-        cfg.dpo.update(loss_type="dpo", beta=0.01, num_micro_batches=16)
-        cfg.rm = _train(lr=2e-6, batch=512, max_length=2048, weight_decay=0.001)
-        cfg.rm.num_micro_batches = 64
-        cfg.base_rm.enabled = False
-        cfg.mesh.update(data=1, fsdp=-1)
+        paper_config(cfg)
     return cfg
+
+
+def paper_config(cfg: ConfigDict) -> None:
+    """Shi et al. (2025): Llama-3-8B-Instruct policy, FsfairX-LLaMA3-RM-v0.1 (already a trained RM: no r0
+    phase), UltraFeedback prompts split in three, K = 5 at temperature 0.8 / top-p 0.95, DPO β = 0.01 at
+    lr 7e-7 with global batch 128, Bradley-Terry at lr 2e-6 with global batch 512 and weight decay 0.001,
+    length 2048, one epoch, cosine with 10 % warm-up; prompts capped at 1024 tokens (SimPO's recipe caps at
+    1800 of 2048; here 1024 prompt + 1024 response tokens fit the 2048 of training)."""
+    bf16 = dict(dtype="bfloat16", param_dtype="float32", remat=True)
+    cfg.policy.update(source="meta-llama/Meta-Llama-3-8B-Instruct", **bf16)
+    cfg.reward_model.update(source="sfairXC/FsfairX-LLaMA3-RM-v0.1", **bf16)
+    cfg.prompts.update(source="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", column="prompt",
+                       policy=(20000, 20000), reward_model=20000, max_prompt_tokens=1024)
+    cfg.sampling.update(num_samples=5, temperature=0.8, top_p=0.95, max_new_tokens=1024, batch_size=512,
+                        max_batch_tokens=512 * 2048)
+    cfg.mt.drop_truncated = True
+    # Global batches as in the paper, accumulated exactly over micro-batches of 1 pair per device on 8 devices
+    # (`python -m mtjax.plan --config=configs/mt.py:paper` shows the memory).
+    cfg.dpo.update(loss_type="dpo", beta=0.01, learning_rate=7e-7, batch_size=128, num_micro_batches=16,
+                   max_length=2048, warmup_ratio=0.1, weight_decay=0.0)
+    cfg.rm.update(learning_rate=2e-6, batch_size=512, num_micro_batches=64, max_length=2048, warmup_ratio=0.1,
+                  weight_decay=0.001)
+    cfg.base_rm.enabled = False
+    cfg.eval.update(benchmarks=("alpaca_eval", "arena_hard", "rewardbench"), answer_temperature=0.0)
+    cfg.mesh.update(data=1, fsdp=-1)

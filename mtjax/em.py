@@ -19,31 +19,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from mtjax import data
+from mtjax import data, settings
+from mtjax.device_memory import explain, is_out_of_memory, working_on
 from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
 from mtjax.train_checkpoint import TrainCheckpoint, host_metrics
-
-RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
-# Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
-# of D_R ("with_rm": the paper's baselines get the RM's prompts too, so every arm sees as many).
-POLICY_PROMPTS = ("own", "with_rm")
-# "iterative": T rounds; "offline": one DPO round from π0 on every training prompt (D_1..D_T and D_R)
-# scored by r0, RM untouched: single-round offline DPO, the baseline with no iteration at all.
-SCHEDULES = ("iterative", "offline")
-
 
 # ----------------------------------------------------------------------------- models
 
@@ -52,65 +43,45 @@ SCHEDULES = ("iterative", "offline")
 class Models:
     policy: Any  # CausalLM module
     reward: Any  # RewardModel module
-    tokenizer: Any
+    tokenizer: Any  # the policy's
+    reward_tokenizer: Any
     policy_params: Any  # π0
-    reward_init_params: Any  # backbone + seeded score head, before base-RM training
+    reward_init_params: Any  # the RM's starting point (backbone + seeded score head, or a trained RM)
+    stop_ids: tuple[int, ...]  # the policy's stop ids (config, generation config and tokenizer)
+    pad_id: int  # the policy's
+    reward_pad_id: int
 
     @property
     def eos_ids(self) -> tuple[int, ...]:
-        return tuple(self.policy.cfg.eos_token_ids) or (self.tokenizer.eos_token_id,)
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        return self.stop_ids
 
 
-def tiny_model_config(vocab_size: int, **overrides):
-    from mtjax.models import ModelConfig
+def describe_models(cfg: ConfigDict) -> dict[str, Any]:
+    """The policy's and the reward model's `sources.ModelSpec`: checkpoint configs with the run's model
+    settings on top, tokenizers and stop ids, read without loading any weights."""
+    from mtjax.models.config import ModelConfig
+    from mtjax.sources import ModelSource, describe
 
-    base = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True)
-    return ModelConfig(**{**base, **overrides})
+    return {name: describe(settings.build(ModelSource, cfg[name]), settings.set_values(ModelConfig, cfg[name]), name)
+            for name in ("policy", "reward_model")}
 
 
-def load_models(cfg: ConfigDict, mesh=None) -> Models:
-    """π0 and the RM's starting point from `cfg.policy.source` / `cfg.reward_model.source`:
-    'smollm2' (offline GGUF), 'tiny' (random tiny Llama on SmolLM2's tokenizer) or an HF directory.
-    With a `mesh`, params are placed on it by the partition rules; an HF checkpoint is then streamed
-    shard by shard (no host or device ever holds a whole model)."""
-    from mtjax.models import load_gguf_tokenizer, load_hf, load_smollm2, make_model, smollm2_gguf_path
+def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:
+    """π0 and the RM's starting point from described sources (`describe_models`), placed on `mesh` by the
+    partition rules (an HF checkpoint is streamed shard by shard: no host or device holds a whole model)."""
     from mtjax.sharding import shard_params
+    from mtjax.sources import load
 
-    def load(section: ConfigDict, head: str, seed: int):
-        # Compute in `dtype`, keep float32 master weights (`param_dtype`), optional remat per block.
-        options = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat)
-        if section.source == "smollm2":
-            return load_smollm2(head=head, seed=seed, **options)
-        tokenizer = load_gguf_tokenizer(smollm2_gguf_path())
-        if section.source == "tiny":
-            model_cfg = tiny_model_config(len(tokenizer), eos_token_ids=(tokenizer.eos_token_id,),
-                                          pad_token_id=tokenizer.pad_token_id, **options)
-            model = make_model(model_cfg, head)
-            # The policy and the RM share one random backbone (seeded by cfg.seed), as with SmolLM2.
-            params = model.init(jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 1), jnp.int32))["params"]
-            if head == "reward":
-                backbone = make_model(model_cfg, "causal_lm").init(
-                    jax.random.PRNGKey(cfg.seed), jnp.zeros((1, 1), jnp.int32))["params"]["model"]
-                params = {**params, "model": backbone}
-            return model, params, tokenizer
-        from transformers import AutoTokenizer
-
-        model, params = load_hf(section.source, head=head, seed=seed, mesh=mesh, **options)
-        return model, params, AutoTokenizer.from_pretrained(section.source)
-
-    policy, policy_params, tokenizer = load(cfg.policy, "causal_lm", cfg.seed)
-    reward, reward_params, _ = load(cfg.reward_model, "reward", cfg.reward_model.head_seed)
+    policy, policy_params = load(specs["policy"], "causal_lm", run_seed, mesh)
+    reward, reward_params = load(specs["reward_model"], "reward", run_seed, mesh)
     if mesh is not None:
         policy_params, reward_params = shard_params(policy_params, mesh), shard_params(reward_params, mesh)
-    return Models(policy, reward, tokenizer, policy_params, reward_params)
+    p, r = specs["policy"], specs["reward_model"]
+    return Models(policy, reward, p.tokenizer, r.tokenizer, policy_params, reward_params, p.stop_ids, p.pad_id,
+                  r.pad_id)
 
 
-# ----------------------------------------------------------------------------- sampling and scoring
+# ----------------------------------------------------------------------------- sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,29 +91,22 @@ class Sample:
 
 
 def sample_responses(models: Models, params: Any, prompt_ids: Sequence[Sequence[int]], num_samples: int,
-                     cfg: ConfigDict, seed: int, mesh=None, first_prompt_index: int = 0) -> list[list[Sample]]:
-    """`num_samples` responses per prompt from the policy (temperature/top-p from `cfg`)."""
+                     sampling: Any, seed: int, mesh=None, first_prompt_index: int = 0) -> list[list[Sample]]:
+    """`num_samples` responses per prompt from the policy, as the `sampling.SamplingConfig` says."""
     from mtjax.sampling import generate
 
-    out = generate(models.policy, params, [list(p) for p in prompt_ids], max_new_tokens=cfg.max_new_tokens,
-                   temperature=cfg.temperature, top_p=cfg.top_p, num_samples=num_samples,
-                   eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=seed,
-                   batch_size=cfg.batch_size, mesh=mesh, first_prompt_index=first_prompt_index)
+    options = {**dataclasses.asdict(sampling), "num_samples": num_samples}
+    out = generate(models.policy, params, [list(p) for p in prompt_ids], eos_token_ids=models.stop_ids,
+                   pad_token_id=models.pad_id, seed=seed, mesh=mesh, first_prompt_index=first_prompt_index,
+                   **options)
     return [[Sample(tuple(int(t) for t in s.token_ids), s.finish_reason == "stop") for s in per_prompt]
             for per_prompt in out]
 
 
-def score_responses(models: Models, rm_params: Any, prompt_ids: Sequence[Sequence[int]],
-                    responses: Sequence[Sequence[int]], batch_size: int, mesh=None) -> np.ndarray:
-    from mtjax.sampling import score
+def response_text(models: Models, sample: Sample | Sequence[int]) -> str:
+    from mtjax.sampling import decode
 
-    return np.asarray(score(models.reward, rm_params, [list(p) for p in prompt_ids], [list(r) for r in responses],
-                            batch_size=batch_size, pad_token_id=models.pad_id, mesh=mesh), np.float64)
-
-
-def response_text(tokenizer: Any, sample: Sample | Sequence[int]) -> str:
-    ids = sample.ids if isinstance(sample, Sample) else sample
-    return tokenizer.decode(list(ids), skip_special_tokens=True)
+    return decode(models.tokenizer, list(sample.ids if isinstance(sample, Sample) else sample), models.stop_ids)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -225,7 +189,7 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
                total: int, desc: str, log: Callable[[dict], None], mesh,
-               checkpoint: TrainCheckpoint | None = None) -> tuple[Any, list[dict]]:
+               checkpoint: TrainCheckpoint | None = None, section: str = "dpo") -> tuple[Any, list[dict]]:
     """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. With `checkpoint`, resumes
     from its last save (skipping the batches already trained on) and saves as it goes."""
     from mtjax.sharding import shard_global_batch
@@ -246,6 +210,8 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                     seen += 1
                     if seen <= start:
                         continue
+                    working_on(f"{desc} step", batch["chosen_input_ids"].shape,
+                               (f"{section}.num_micro_batches", f"{_MODEL_OF[section]}.remat"))
                     state, pending = step_fn(state, shard_global_batch(batch, mesh))
                     row = host_metrics(pending)
                     pending = None
@@ -263,6 +229,9 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
     return state, history
 
 
+_MODEL_OF = {"dpo": "policy", "rm": "reward_model", "base_rm": "reward_model"}  # the model a section trains
+
+
 def _mean_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
     if not history:
         return {}
@@ -270,136 +239,123 @@ def _mean_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {f"train_{k}": float(np.mean([h[k] for h in history])) for k in keys}
 
 
-def train_dpo(models: Models, params: Any, pairs: PairSet, cfg: ConfigDict, mesh, seed: int,
+def train_dpo(models: Models, params: Any, pairs: PairSet, section: ConfigDict, mesh, seed: int,
               log: Callable[[dict], None], cache_dir: str | None,
-              checkpoint: TrainCheckpoint | None = None) -> tuple[Any, dict]:
-    """DPO (or IPO/hinge/SimPO) from `params` with reference = `params`; returns new params and stats.
-    With `checkpoint`, the train state is saved as it goes and a rerun resumes from the last save."""
+              checkpoint: TrainCheckpoint | None = None, name: str = "dpo") -> tuple[Any, dict]:
+    """DPO (or IPO/hinge/SimPO) from `params` with reference = `params`, as the `dpo` section says
+    (`DPOConfig`, `OptimizerConfig`, `settings.TrainingRun` fields); returns new params and stats. With
+    `checkpoint`, the train state is saved as it goes and a rerun resumes from the last save."""
     from mtjax import train
 
-    chosen, rejected, counts = encode_pairs(pairs, cfg.max_length)
+    run = settings.build(settings.TrainingRun, section)
+    chosen, rejected, counts = encode_pairs(pairs, run.max_length)
     if not chosen:
         return params, {**counts, "trained_pairs": 0}
-    dpo_cfg = train.DPOConfig(loss_type=cfg.loss_type, beta=cfg.beta, num_micro_batches=cfg.num_micro_batches,
-                              reference="precomputed")
-    total = _num_steps(len(chosen), cfg.batch_size, cfg.epochs)
-    opt_cfg = train.OptimizerConfig(learning_rate=cfg.learning_rate, total_steps=total,
-                                    warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay)
-    full = data.collate_pairs(chosen, rejected, models.pad_id, cfg.max_length)
+    dpo_cfg = settings.build(train.DPOConfig, section)
+    total = _num_steps(len(chosen), run.batch_size, run.epochs)
+    opt_cfg = settings.build(train.OptimizerConfig, section, total_steps=total)
     reference = {}
-    if dpo_cfg.uses_reference:
+    if dpo_cfg.reference == "precomputed" and dpo_cfg.uses_reference:
+        full = data.collate_pairs(chosen, rejected, models.pad_id, run.max_length)
         cache = train.ReferenceLogprobCache(cache_dir) if cache_dir else None
+        working_on("reference log-probs", full["chosen_input_ids"].shape, (f"{name}.num_micro_batches",))
         reference = train.precompute_reference_logprobs(
             models.policy, params, {k: v for k, v in full.items() if k in train.DPO_BATCH_KEYS}, mesh,
-            batch_size=max(1, cfg.batch_size // cfg.num_micro_batches), average=dpo_cfg.averages_logprobs,
-            cache=cache)
+            batch_size=max(1, run.batch_size // dpo_cfg.num_micro_batches), average=dpo_cfg.averages_logprobs,
+            cache=cache, logits_chunk=dpo_cfg.logits_chunk)
     step = train.make_dpo_step(models.policy, dpo_cfg, opt_cfg, mesh)
+    if dpo_cfg.reference == "model" and dpo_cfg.uses_reference:  # the frozen π_{t-1} runs inside each step
+        step = functools.partial(_with_reference, step, params)
     state = train.init_train_state(params, opt_cfg, mesh)  # a copy: the step donates it, π_{t-1} lives on
-    batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
+    batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, run.batch_size, run.max_length,
                                          seed + 7919 * epoch, reference)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "DPO", log, mesh, checkpoint)
+    state, history = _run_steps(step, state, batches, run.epochs, total, "DPO", log, mesh, checkpoint, name)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
-def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[PairSet], cfg: ConfigDict, mesh,
+def _with_reference(step: Callable, reference_params: Any, state: Any, batch: Any):
+    return step(state, reference_params, batch)
+
+
+def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[PairSet], section: ConfigDict, mesh,
                        seed: int, log: Callable[[dict], None],
-                       checkpoint: TrainCheckpoint | None = None) -> tuple[Any, dict]:
-    """Bradley-Terry training of the RM from `init_params` on the union of `pair_sets` (`checkpoint`: as
-    in `train_dpo`)."""
+                       checkpoint: TrainCheckpoint | None = None, name: str = "rm") -> tuple[Any, dict]:
+    """Bradley-Terry training of the RM from `init_params` on the union of `pair_sets`, as the `rm` / `base_rm`
+    section says (`RewardConfig`, `OptimizerConfig`, `settings.TrainingRun` fields; `checkpoint`: as in
+    `train_dpo`)."""
     from mtjax import train
 
+    run = settings.build(settings.TrainingRun, section)
     chosen, rejected, counts = [], [], Counter()
     for pairs in pair_sets:
-        c, r, n = encode_pairs(pairs, cfg.max_length)
+        c, r, n = encode_pairs(pairs, run.max_length)
         chosen += c
         rejected += r
         counts.update(n)
     if not chosen:
         return init_params, {**counts, "trained_pairs": 0}
-    total = _num_steps(len(chosen), cfg.batch_size, cfg.epochs)
-    opt_cfg = train.OptimizerConfig(learning_rate=cfg.learning_rate, total_steps=total,
-                                    warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay)
-    step = train.make_reward_model_step(models.reward, train.RewardConfig(num_micro_batches=cfg.num_micro_batches),
-                                        opt_cfg, mesh)
+    total = _num_steps(len(chosen), run.batch_size, run.epochs)
+    opt_cfg = settings.build(train.OptimizerConfig, section, total_steps=total)
+    step = train.make_reward_model_step(models.reward, settings.build(train.RewardConfig, section), opt_cfg, mesh)
     state = train.init_train_state(init_params, opt_cfg, mesh)  # a copy: r0 is reused every iteration
-    batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, cfg.batch_size, cfg.max_length,
+    batches = lambda epoch: pair_batches(chosen, rejected, models.reward_pad_id, run.batch_size, run.max_length,
                                          seed + 7919 * epoch)
-    state, history = _run_steps(step, state, batches, cfg.epochs, total, "RM", log, mesh, checkpoint)
+    state, history = _run_steps(step, state, batches, run.epochs, total, "RM", log, mesh, checkpoint, name)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def validate_config(cfg: ConfigDict) -> None:
-    """Every impossible value in one error, before any compute."""
-    problems = []
-    if cfg.iterations < 1:
-        problems.append(f"iterations={cfg.iterations} must be >= 1")
-    if cfg.mt.rm_update not in RM_UPDATES:
-        problems.append(f"mt.rm_update={cfg.mt.rm_update!r} must be one of {RM_UPDATES}")
-    if cfg.mt.policy_prompts not in POLICY_PROMPTS:
-        problems.append(f"mt.policy_prompts={cfg.mt.policy_prompts!r} must be one of {POLICY_PROMPTS}")
-    if cfg.mt.schedule not in SCHEDULES:
-        problems.append(f"mt.schedule={cfg.mt.schedule!r} must be one of {SCHEDULES}")
-    if cfg.sampling.num_samples < 2:
-        problems.append(f"sampling.num_samples={cfg.sampling.num_samples} must be >= 2 to form pairs")
-    if not 0.0 < cfg.sampling.top_p <= 1.0:
-        problems.append(f"sampling.top_p={cfg.sampling.top_p} must be in (0, 1]")
-    if cfg.sampling.temperature < 0:
-        problems.append(f"sampling.temperature={cfg.sampling.temperature} must be >= 0")
-    if cfg.eval.num_samples < 2:
-        problems.append(f"eval.num_samples={cfg.eval.num_samples} must be >= 2 (RM accuracy needs pairs)")
-    for name in ("dpo", "rm", "base_rm"):
-        section = cfg[name]
-        if section.batch_size < 1 or section.learning_rate <= 0 or section.epochs < 1:
-            problems.append(f"{name}: batch_size, learning_rate and epochs must be positive")
-        if section.max_length <= cfg.sampling.max_new_tokens:
-            problems.append(f"{name}.max_length={section.max_length} must exceed sampling.max_new_tokens="
-                            f"{cfg.sampling.max_new_tokens} (prompt + response)")
-    sizes = cfg.prompts
-    if len(sizes.policy) != cfg.iterations:
-        problems.append(f"prompts.policy has {len(sizes.policy)} sizes but iterations={cfg.iterations}")
-    if cfg.checkpoint.train_every_steps < 0 or cfg.checkpoint.train_every_seconds < 0:
-        problems.append("checkpoint.train_every_steps and .train_every_seconds must be >= 0 (0 turns a trigger off)")
-    if cfg.checkpoint.sample_every_prompts < 1:
-        problems.append(f"checkpoint.sample_every_prompts={cfg.checkpoint.sample_every_prompts} must be >= 1")
-    if cfg.mt.gate_win_rate is not None and not 0.0 <= cfg.mt.gate_win_rate <= 1.0:
-        problems.append(f"mt.gate_win_rate={cfg.mt.gate_win_rate} must be in [0, 1] (or unset: no gate)")
-    for source in (cfg.policy.source, cfg.reward_model.source):
-        if source not in ("smollm2", "tiny"):
-            import os
-
-            if not os.path.isdir(source):
-                problems.append(f"model source {source!r} is neither 'smollm2', 'tiny' nor a checkpoint directory")
-    if problems:
-        raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+validate_config = settings.validate_config  # the entry point's name for it
 
 
 class MutualTaught:
-    """One run: holds the models, prompts and run directory; `run()` executes the remaining phases."""
+    """One run: holds the models, prompts and run directory; `run()` executes the remaining phases.
+
+    Start-up checks everything it can before the run directory is written: every config value (the
+    library's dataclasses), the model sources against the settings (context length, stop ids), and the
+    prompt set (read, measured in both chat templates, over-long prompts dropped and counted)."""
 
     def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False):
+        from mtjax.sampling import SamplingConfig
         from mtjax.sharding import make_mesh
 
-        validate_config(cfg)
+        settings.validate_config(cfg)
         self.cfg = cfg
+        self.sampling = settings.build(SamplingConfig, cfg.sampling)
+        self.mt = settings.build(settings.MTConfig, cfg.mt)
+        self.eval_cfg = settings.build(_eval_config_class(), cfg.eval)
+        specs = describe_models(cfg)
+        self._check_contexts(specs)
+        if is_primary():
+            for spec in specs.values():
+                print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
+        built = None if RunDir.has_completed(workdir, "prompts") else self._build_prompt_splits(specs)
         self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
-        self.mesh = make_mesh(**cfg.mesh.to_dict())
-        self.models = load_models(cfg, self.mesh)
-        self.splits = self._prompt_splits()
+        self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
+        self.models = load_models(specs, cfg.seed, self.mesh)
+        self.splits = self._prompt_splits(built)
         self._prompt_ids: dict[str, list[list[int]]] = {}
 
     @property
+    def scorer(self):
+        from mtjax.scoring import RewardScorer
+
+        if not hasattr(self, "_scorer"):
+            self._scorer = RewardScorer(self.models, self.sampling, self.mesh)
+        return self._scorer
+
+    @property
     def iterations(self) -> range:
-        return range(1, 2 if self.cfg.mt.schedule == "offline" else self.cfg.iterations + 1)
+        return range(1, 2 if self.mt.schedule == "offline" else self.cfg.iterations + 1)
 
     def policy_split(self, t: int) -> str:
-        """The prompt split of iteration t's E-step (see POLICY_PROMPTS and SCHEDULES); derived splits
+        """The prompt split of iteration t's E-step (see settings.POLICY_PROMPTS and SCHEDULES); derived splits
         are concatenations of recorded ones, built on first use."""
         import datasets
 
-        mt, T = self.cfg.mt, self.cfg.iterations
+        mt, T = self.mt, self.cfg.iterations
         if mt.schedule == "offline":
             name, parts = "all_training", [self.splits[f"policy_{s}"] for s in range(1, T + 1)]
             parts.append(self.splits["reward_model"])
@@ -415,35 +371,99 @@ class MutualTaught:
 
     # -- inputs ------------------------------------------------------------------------------
 
-    def _prompt_splits(self):
-        from mtjax.testbed.prompts import (
-            PromptGeneratorConfig,
-            PromptSplitSizes,
-            build_prompt_splits,
-            load_prompt_splits,
-            save_prompt_splits,
-        )
+    def _check_contexts(self, specs: Mapping[str, Any]) -> None:
+        """The prompt cap plus the response budget must fit each model's context (else no prompt could)."""
+        from mtjax.prompt_sets import PromptConfig
+
+        prompts = settings.build(PromptConfig, self.cfg.prompts)
+        budget = max(self.sampling.max_new_tokens, self.eval_cfg.answer_max_new_tokens or 0)
+        need = prompts.max_prompt_tokens + budget
+        problems = [f"prompts.max_prompt_tokens={prompts.max_prompt_tokens} + the response budget {budget} "
+                    f"(sampling.max_new_tokens, eval.answer_max_new_tokens) = {need} exceeds the {name}'s context "
+                    f"({spec.config.max_position_embeddings} tokens, {spec.source.source})"
+                    for name, spec in specs.items() if need > spec.config.max_position_embeddings]
+        if problems:
+            raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+    def _prompt_limits(self, specs: Mapping[str, Any]):
+        from mtjax.prompt_sets import PromptConfig, PromptLimits
+
+        prompts = settings.build(PromptConfig, self.cfg.prompts)
+        budget = max(self.sampling.max_new_tokens, self.eval_cfg.answer_max_new_tokens or 0)
+        return PromptLimits(prompts.max_prompt_tokens, budget,
+                            specs["policy"].config.max_position_embeddings,
+                            specs["reward_model"].config.max_position_embeddings)
+
+    def _build_prompt_splits(self, specs: Mapping[str, Any]) -> tuple[Any, Any, Counter, dict]:
+        """The prompt splits of a new run, in memory (written by the `prompts` phase): the testbed's, with
+        D_1..D_T and D_R from `prompts.source` when it is not the testbed; every prompt measured in the
+        policy's and the RM's chat templates, and those that do not fit dropped and counted by reason."""
+        import datasets
+
+        from mtjax.iteration_eval import load_benchmarks
+        from mtjax.prompt_sets import PromptConfig, external_splits, fitting_prompts, row_prompt
+        from mtjax.scoring import same_tokenization
+        from mtjax.testbed.prompts import PROMPT_FEATURES, PromptGeneratorConfig, PromptSplitSizes, build_prompt_splits
+
+        p = settings.build(PromptConfig, self.cfg.prompts)
+        policy_tok, reward_tok = specs["policy"].tokenizer, specs["reward_model"].tokenizer
+        same = same_tokenization(policy_tok, reward_tok)
+
+        def measure(prompt) -> tuple[int, int]:
+            n = len(data.chat_prompt_ids(policy_tok, prompt))
+            return n, n if same else len(data.chat_prompt_ids(reward_tok, prompt))
+
+        limits = self._prompt_limits(specs)
+        gen_cfg = PromptGeneratorConfig(seed=p.seed, sizes=PromptSplitSizes(
+            policy=tuple(p.policy), reward_model=p.reward_model, base_rm_labels=p.base_rm_labels,
+            heldout_eval=p.heldout_eval))
+        splits = build_prompt_splits(gen_cfg)
+        counts: Counter = Counter()
+        if p.source != "testbed":  # train on the source's prompts; evaluate on the testbed's
+            external, counts = external_splits(p, limits, measure)
+            splits.update({name: datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
+                           for name, rows in external.items()})
+        benchmarks = load_benchmarks(self.eval_cfg)
+        splits.update({name: datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
+                       for name, rows in benchmarks.splits.items()})
+        counts.update(benchmarks.counts)
+        for name in list(splits):
+            if p.source != "testbed" and name in p.sizes:
+                continue  # already measured
+            kept, dropped = fitting_prompts([row_prompt(r) for r in splits[name]], limits, measure)
+            if dropped:
+                splits[name] = splits[name].select(kept)
+                counts.update({f"{name}_{k}": v for k, v in dropped.items()})
+        return splits, gen_cfg, counts, benchmarks.records
+
+    def _prompt_splits(self, built):
+        from mtjax.testbed.prompts import load_prompt_splits, save_prompt_splits
 
         if not self.rd.done("prompts"):
-            p = self.cfg.prompts
-            gen_cfg = PromptGeneratorConfig(seed=p.seed, sizes=PromptSplitSizes(
-                policy=tuple(p.policy), reward_model=p.reward_model, base_rm_labels=p.base_rm_labels,
-                heldout_eval=p.heldout_eval))
+            splits, gen_cfg, counts, records = built
             with self.phase("prompts") as summary:
-                splits = build_prompt_splits(gen_cfg)
-                if p.source != "testbed":  # train on the source's prompts; evaluate on the testbed's
-                    splits.update(external_prompt_splits(p, [*splits.keys()]))
+                for name, rows in records.items():  # what the benchmarks judge against (references, pairs)
+                    self.rd.write_jsonl(f"benchmarks/{name}.jsonl", rows)
                 if is_primary():  # the others built the same splits; they read process 0's files
                     save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
                 barrier("mtjax-prompts")
                 summary.update({f"prompts_{k}": len(v) for k, v in splits.items()})
+                summary.update(counts)
         return load_prompt_splits(self.rd.file("prompts"))
 
     def prompt_ids(self, split: str) -> list[list[int]]:
+        from mtjax.prompt_sets import row_prompt
+
         if split not in self._prompt_ids:
-            self._prompt_ids[split] = [data.chat_prompt_ids(self.models.tokenizer, text)
-                                       for text in self.splits[split]["prompt"]]
+            self._prompt_ids[split] = [data.chat_prompt_ids(self.models.tokenizer, row_prompt(row))
+                                       for row in self.splits[split]]
         return self._prompt_ids[split]
+
+    def prompts(self, split: str) -> list:
+        """The split's prompts (strings, or chat turns), in order."""
+        from mtjax.prompt_sets import row_prompt
+
+        return [row_prompt(row) for row in self.splits[split]]
 
     def instruction_prompts(self, split: str):
         from mtjax.testbed.benchmarks import instruction_prompts_from_rows
@@ -463,7 +483,12 @@ class MutualTaught:
         phase from its last train-state save, see `mtjax.train_checkpoint`)."""
         start = time.perf_counter()
         summary: dict[str, Any] = {}
-        yield summary
+        try:
+            yield summary
+        except Exception as e:
+            if is_out_of_memory(e):  # one message that says what to lower; the phase resumes after the change
+                raise explain(name, e) from e
+            raise
         self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start})
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
@@ -478,7 +503,7 @@ class MutualTaught:
     # -- stored samples ----------------------------------------------------------------------
 
     def samples(self, phase: str, name: str, params: Any, split: str, num_samples: int,
-                rm_params: Any = None, sampling: ConfigDict | None = None) -> tuple[list[list[Sample]], list]:
+                rm_params: Any = None, sampling: Any = None) -> tuple[list[list[Sample]], list]:
         """Samples (and, with `rm_params`, their RM scores) of `split`, read back if already stored.
 
         The pass runs in pieces of `checkpoint.sample_every_prompts` prompts; the rows of finished pieces
@@ -486,7 +511,7 @@ class MutualTaught:
         keeps its index in the split, hence its random draws."""
         path, partial = f"{phase}/{name}.jsonl", f"{phase}/{name}.partial.jsonl"
         if not self.rd.file(path).exists():
-            prompts, ids = self.prompt_ids(split), self.splits[split]["prompt_id"]
+            prompts, ids, texts = self.prompt_ids(split), self.splits[split]["prompt_id"], self.prompts(split)
             rows = self.rd.read_jsonl(partial) if self.rd.file(partial).exists() else []
             piece = self.cfg.checkpoint.sample_every_prompts
             first = len(rows) // num_samples  # pieces are whole prompts
@@ -497,18 +522,18 @@ class MutualTaught:
                 start = time.perf_counter()
                 hi = min(lo + piece, len(prompts))
                 samples = sample_responses(self.models, params, prompts[lo:hi], num_samples,
-                                           sampling or self.cfg.sampling, self._seed(path), self.mesh,
+                                           sampling or self.sampling, self._seed(path), self.mesh,
                                            first_prompt_index=lo)
                 rewards = [[None] * len(s) for s in samples]
                 if rm_params is not None:
                     flat_p = [p for p, s in zip(prompts[lo:hi], samples, strict=True) for _ in s]
+                    flat_t = [t for t, s in zip(texts[lo:hi], samples, strict=True) for _ in s]
                     flat_r = [x.ids for s in samples for x in s]
-                    scores = score_responses(self.models, rm_params, flat_p, flat_r, self.cfg.sampling.batch_size,
-                                             self.mesh)
+                    scores = self.scorer.score_ids(rm_params, flat_t, flat_p, flat_r)
                     it = iter(scores.tolist())
                     rewards = [[next(it) for _ in s] for s in samples]
                 rows += [{"prompt_id": pid, "sample": k, "response_ids": list(x.ids), "stopped": x.stopped,
-                          "reward": r, "text": response_text(self.models.tokenizer, x)}
+                          "reward": r, "text": response_text(self.models, x)}
                          for pid, s, rs in zip(ids[lo:hi], samples, rewards, strict=True)
                          for k, (x, r) in enumerate(zip(s, rs, strict=True))]
                 if hi < len(prompts):
@@ -547,12 +572,12 @@ class MutualTaught:
         from mtjax.evaluate import gold_preference_pairs
 
         phase = "base_rm"
-        if not self.cfg.base_rm.enabled:
+        if not self.cfg.base_rm.enabled:  # the RM source is already a trained reward model
             return self.models.reward_init_params
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "base_rm_labels"
-                self.samples(phase, "samples", self.models.policy_params, split, self.cfg.sampling.num_samples)
+                self.samples(phase, "samples", self.models.policy_params, split, self.sampling.num_samples)
                 rows = self.sample_rows(f"{phase}/samples.jsonl", split)
                 built = gold_preference_pairs(self.instruction_prompts(split),
                                               [[r["text"] for r in group] for group in rows])
@@ -569,7 +594,7 @@ class MutualTaught:
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("gold"))
                 params, stats = train_reward_model(self.models, self.models.reward_init_params, [pairs],
                                                    self.cfg.base_rm, self.mesh, self._seed(phase), self.log(phase),
-                                                   self.train_checkpoint(phase))
+                                                   self.train_checkpoint(phase), name="base_rm")
                 self.rd.save_params(f"{phase}/reward_model", params)
                 summary.update({**pairs.counts, **stats})
         return self.rd.load_params(f"{phase}/reward_model", like=self.models.reward_init_params)
@@ -579,9 +604,9 @@ class MutualTaught:
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = self.policy_split(t)
-                samples, rewards = self.samples(phase, "samples", policy_params, split, self.cfg.sampling.num_samples,
+                samples, rewards = self.samples(phase, "samples", policy_params, split, self.sampling.num_samples,
                                                 rm_params=rm_params)
-                pairs = length_controlled_pairs(self.prompt_ids(split), samples, rewards, self.cfg.mt.drop_truncated)
+                pairs = length_controlled_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated)
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("policy"))
                 new_params, stats = train_dpo(self.models, policy_params, pairs, self.cfg.dpo, self.mesh,
                                               self._seed(phase), self.log(phase), str(self.rd.file("reference_cache")),
@@ -592,14 +617,14 @@ class MutualTaught:
 
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:
         phase = f"iter_{t}/m_step"
-        cfg = self.cfg.mt
+        cfg = self.mt
         if cfg.rm_update == "frozen" or cfg.schedule == "offline":
             return rm_params
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "reward_model"
                 new_samples, new_rewards = self.samples(phase, "new_policy_samples", new_policy, split,
-                                                        self.cfg.sampling.num_samples, rm_params=rm_params)
+                                                        self.sampling.num_samples, rm_params=rm_params)
                 # The contrastive pair uses one response of π_{t-1} per prompt (its reward feeds the filter).
                 old_samples, old_rewards = self.samples(phase, "old_policy_samples", old_policy, split, 1,
                                                         rm_params=rm_params)
@@ -622,54 +647,76 @@ class MutualTaught:
         return self.rd.load_params(f"iter_{t}/reward_model", like=base_rm)
 
     def evaluate(self, t: int, policy_params: Any, rm_params: Any) -> dict:
-        """π_t and r_t on held-out prompts: the policy's gold reward, IFEval-style accuracies and
-        lengths; the RM's accuracy against gold labels on pairs of π_t's and of π0's samples.
+        """π_t and r_t on `eval.benchmarks` (see `mtjax.iteration_eval`): the testbed's held-out split and/or
+        the paper's benchmarks.
 
         Writes `iter_t/eval/results.json` (flat) and `eval/iter_t.json` (the report's nested names)."""
-        from mtjax.evaluate import evaluate_instruction_following, gold_pairwise_accuracy
+        from mtjax.iteration_eval import evaluate_benchmarks
 
         phase = f"iter_{t}/eval"
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                split = "heldout_eval"
-                ev = self.cfg.eval
-                sampling = ConfigDict({**self.cfg.sampling.to_dict(), "temperature": ev.temperature})
-                samples, _ = self.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
-                prompts = self.instruction_prompts(split)
-                rows = self.sample_rows(f"{phase}/samples.jsonl", split)
-                texts = [[r["text"] for r in group] for group in rows]
-                flat_prompts = [p for p, s in zip(prompts, texts, strict=True) for _ in s]
-                policy = evaluate_instruction_following(flat_prompts, responses=[x for s in texts for x in s],
-                                                        progress=False)
-                tokens = np.asarray([len(x.ids) for s in samples for x in s], np.float64)
-                policy.update(length_mean_tokens=float(tokens.mean()),
-                              length_p95_tokens=float(np.percentile(tokens, 95)),
-                              truncated_fraction=float(np.mean([not x.stopped for s in samples for x in s])))
-                base_rows = self.sample_rows("iter_0/eval/samples.jsonl", split)
-                base_texts = [[r["text"] for r in group] for group in base_rows]
-                # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
-                # an EOS to truncated responses: not what the RM saw in training).
-                score_fn = self.text_score_fn(rm_params, {**self.ids_by_text(split, rows),
-                                                          **self.ids_by_text(split, base_rows)})
-                rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts, progress=is_primary())
-                rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts,
-                                         progress=is_primary())
-                metrics = {
-                    "policy": {"gold_reward": policy["gold_reward_strict"],
-                               "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
-                               **{k: policy[k] for k in _LENGTH_KEYS}},
-                    "rm": {"accuracy_current_policy": rm_current.get("accuracy", float("nan")),
-                           "accuracy_base_policy": rm_base.get("accuracy", float("nan")),
-                           "pairs_current_policy": rm_current.get("num_pairs", 0),
-                           "pairs_base_policy": rm_base.get("num_pairs", 0)},
-                    "pairs": self._pair_counts(t),
-                }
+                metrics: dict[str, Any] = {}
+                result: dict[str, Any] = {"iteration": t}
+                if "testbed" in self.eval_cfg.benchmarks:
+                    metrics, flat = self._evaluate_testbed(phase, policy_params, rm_params)
+                    result.update(flat)
+                benchmarks = evaluate_benchmarks(self, t, phase, policy_params, rm_params, self.judge_params)
+                metrics.update(benchmarks)
+                result.update({f"{name}_{k}": v for name, values in benchmarks.items() for k, v in values.items()})
+                metrics["pairs"] = self._pair_counts(t)
                 self.rd.write_json(f"eval/iter_{t}.json", {"iteration": t, "metrics": metrics})
-                result = {"iteration": t, **_prefixed("policy", policy),
-                          **_prefixed("rm_acc_current_policy", rm_current), **_prefixed("rm_acc_base_policy", rm_base)}
                 self.rd.write_json(f"{phase}/results.json", result)
                 summary.update(result)
         return self.rd.summary(phase)
+
+    @property
+    def judge_params(self) -> Any:
+        """The fixed judge of the proxy win rates: r0 (the base RM, or the RM source when it is already
+        trained), the same for every iteration and arm."""
+        if not hasattr(self, "_judge"):
+            self._judge = self.params_at(0)[1]
+        return self._judge
+
+    def _evaluate_testbed(self, phase: str, policy_params: Any, rm_params: Any) -> tuple[dict, dict]:
+        """The testbed's held-out split: π_t's gold reward, IFEval-style accuracies and lengths; r_t's accuracy
+        against gold labels on pairs of π_t's and of π0's samples."""
+        from mtjax.evaluate import evaluate_instruction_following, gold_pairwise_accuracy
+
+        split = "heldout_eval"
+        ev = self.eval_cfg
+        sampling = dataclasses.replace(self.sampling, temperature=ev.temperature)
+        samples, _ = self.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
+        prompts = self.instruction_prompts(split)
+        rows = self.sample_rows(f"{phase}/samples.jsonl", split)
+        texts = [[r["text"] for r in group] for group in rows]
+        flat_prompts = [p for p, s in zip(prompts, texts, strict=True) for _ in s]
+        policy = evaluate_instruction_following(flat_prompts, responses=[x for s in texts for x in s],
+                                                progress=False)
+        tokens = np.asarray([len(x.ids) for s in samples for x in s], np.float64)
+        policy.update(length_mean_tokens=float(tokens.mean()),
+                      length_p95_tokens=float(np.percentile(tokens, 95)),
+                      truncated_fraction=float(np.mean([not x.stopped for s in samples for x in s])))
+        base_rows = self.sample_rows("iter_0/eval/samples.jsonl", split)
+        base_texts = [[r["text"] for r in group] for group in base_rows]
+        # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
+        # an EOS to truncated responses: not what the RM saw in training).
+        score_fn = self.text_score_fn(rm_params, {**self.ids_by_text(split, rows),
+                                                  **self.ids_by_text(split, base_rows)})
+        rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts, progress=is_primary())
+        rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts, progress=is_primary())
+        metrics = {
+            "policy": {"gold_reward": policy["gold_reward_strict"],
+                       "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
+                       **{k: policy[k] for k in _LENGTH_KEYS}},
+            "rm": {"accuracy_current_policy": rm_current.get("accuracy", float("nan")),
+                   "accuracy_base_policy": rm_base.get("accuracy", float("nan")),
+                   "pairs_current_policy": rm_current.get("num_pairs", 0),
+                   "pairs_base_policy": rm_base.get("num_pairs", 0)},
+        }
+        flat = {**_prefixed("policy", policy), **_prefixed("rm_acc_current_policy", rm_current),
+                **_prefixed("rm_acc_base_policy", rm_base)}
+        return metrics, flat
 
     def _pair_counts(self, t: int) -> dict[str, int]:
         """How many pairs each training phase of iteration t used (and dropped), from its summary."""
@@ -690,19 +737,8 @@ class MutualTaught:
     def text_score_fn(self, rm_params: Any, known: Mapping[tuple[str, str], tuple[list[int], list[int]]]
                       ) -> Callable[[Sequence[str], Sequence[str]], np.ndarray]:
         """A texts-in scorer for the evaluators; (prompt, response) pairs found in `known` are scored on
-        their sampled token ids, others are tokenised (chat template, response + EOS)."""
-        tok = self.models.tokenizer
-
-        def ids(prompt: str, response: str) -> tuple[list[int], list[int]]:
-            if (prompt, response) in known:
-                return known[(prompt, response)]
-            return data.chat_prompt_ids(tok, prompt), data.response_ids(tok, response, self.models.eos_ids[0])
-
-        def score_fn(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
-            p_ids, r_ids = zip(*(ids(p, r) for p, r in zip(prompts, responses, strict=True)), strict=True)
-            return score_responses(self.models, rm_params, p_ids, r_ids, self.cfg.sampling.batch_size, self.mesh)
-
-        return score_fn
+        their sampled token ids, others are tokenised (see `mtjax.scoring.RewardScorer.score_texts`)."""
+        return self.scorer.text_score_fn(rm_params, known)
 
     # -- driver ------------------------------------------------------------------------------
 
@@ -716,7 +752,7 @@ class MutualTaught:
             new_policy = self.e_step(t, policy, rm)
             rm = self.m_step(t, policy, new_policy, rm, base_rm)
             results.append(self.evaluate(t, new_policy, rm))
-            if self.cfg.mt.gate_win_rate is None or self.gate(t, kept, rm):
+            if self.mt.gate_win_rate is None or self.gate(t, kept, rm):
                 policy, kept = new_policy, t
         self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
                                             "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
@@ -730,16 +766,16 @@ class MutualTaught:
             with self.phase(phase) as summary:
                 new = self.sample_rows(f"iter_{t}/eval/samples.jsonl", "heldout_eval")
                 old = self.sample_rows(f"iter_{kept}/eval/samples.jsonl", "heldout_eval")
-                prompts = self.prompt_ids("heldout_eval")
+                prompts = list(zip(self.prompts("heldout_eval"), self.prompt_ids("heldout_eval"), strict=True))
                 pairs = [(p, a["response_ids"], b["response_ids"])
                          for p, na, ob in zip(prompts, new, old, strict=True) for a, b in zip(na, ob, strict=True)]
-                scores = score_responses(self.models, rm_params, [p for p, _, _ in pairs] * 2,
-                                         [a for _, a, _ in pairs] + [b for _, _, b in pairs],
-                                         self.cfg.sampling.batch_size, self.mesh)
+                scores = self.scorer.score_ids(rm_params, [p[0] for p, _, _ in pairs] * 2,
+                                               [p[1] for p, _, _ in pairs] * 2,
+                                               [a for _, a, _ in pairs] + [b for _, _, b in pairs])
                 r_new, r_old = scores[:len(pairs)], scores[len(pairs):]
                 win_rate = float(np.mean((r_new > r_old) + 0.5 * (r_new == r_old)))
                 summary.update(win_rate=win_rate, against_iteration=kept, pairs=len(pairs),
-                               accepted=win_rate >= self.cfg.mt.gate_win_rate)
+                               accepted=win_rate >= self.mt.gate_win_rate)
         return bool(self.rd.summary(phase)["accepted"])
 
     def params_at(self, t: int) -> tuple[Any, Any]:
@@ -783,61 +819,6 @@ def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
     return list(phases)
 
 
-def load_prompt_texts(source: str, split: str, column: str) -> list[str]:
-    """Prompt strings from a local file (.jsonl/.json/.parquet), a `save_to_disk` folder or a hub dataset id.
-    Chat-format columns (a list of {role, content}) give their first user message."""
-    import os
-
-    import datasets
-
-    if os.path.isfile(source):
-        kind = "parquet" if source.endswith(".parquet") else "json"
-        table = datasets.load_dataset(kind, data_files=source, split="train")
-    elif os.path.isdir(source):
-        table = datasets.load_from_disk(source)
-        table = table[split] if isinstance(table, datasets.DatasetDict) else table
-    else:
-        table = datasets.load_dataset(source, split=split)  # needs the hub (or its cache)
-    if column not in table.column_names:
-        raise ValueError(f"prompts.source={source!r} has no column {column!r} (columns: {table.column_names}); "
-                         "set prompts.column")
-
-    def text(value):
-        if isinstance(value, list):  # chat messages
-            return next((m["content"] for m in value if m.get("role") == "user"), "")
-        return value
-
-    return [text(v) for v in table[column]]
-
-
-def external_prompt_splits(p: ConfigDict, names: Sequence[str]) -> dict[str, Any]:
-    """The policy splits D_1..D_T and the RM split D_R drawn (deduplicated, shuffled by `p.seed`) from
-    `p.source`; every prompt is recorded with a content-hash id."""
-    import hashlib
-
-    import datasets
-
-    from mtjax.testbed.prompts import PROMPT_FEATURES
-
-    texts = list(dict.fromkeys(t.strip() for t in load_prompt_texts(p.source, p.split, p.column) if t and t.strip()))
-    np.random.default_rng(p.seed).shuffle(texts)
-    sizes = {f"policy_{t}": n for t, n in enumerate(p.policy, start=1)} | {"reward_model": p.reward_model}
-    missing = set(sizes) - set(names)
-    if missing:
-        raise ValueError(f"split names {sorted(missing)} are not among the generated splits {list(names)}")
-    if sum(sizes.values()) > len(texts):
-        raise ValueError(f"prompts.source={p.source!r} has {len(texts)} distinct prompts; the splits need "
-                         f"{sum(sizes.values())} ({sizes})")
-    out, start = {}, 0
-    for name, n in sizes.items():
-        rows = [{"prompt_id": hashlib.sha256(t.encode()).hexdigest()[:16], "prompt": t, "task_id": "external",
-                 "task_category": "external", "instruction_id_list": [], "kwargs": []}
-                for t in texts[start:start + n]]
-        out[name] = datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
-        start += n
-    return out
-
-
 def contrastive_pairs(prompts, new_samples, new_rewards, old_samples, old_rewards, filter_by_std: bool,
                       drop_truncated: bool) -> PairSet:
     """D(PM_new, PM_old): the new policy's first sample chosen over the old policy's first sample.
@@ -862,6 +843,12 @@ def contrastive_pairs(prompts, new_samples, new_rewards, old_samples, old_reward
         pairs.rejected.append(list(old.ids))
     pairs.counts["pairs"] = len(pairs)
     return pairs
+
+
+def _eval_config_class():
+    from mtjax.iteration_eval import EvalConfig
+
+    return EvalConfig
 
 
 def _metrics_row(phase: str, row: Mapping[str, Any]) -> dict:

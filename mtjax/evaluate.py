@@ -326,6 +326,18 @@ def evaluate_alpaca_eval_win_rate(
     )
 
 
+def alpaca_eval_outputs(
+    examples: Sequence[AlpacaEvalExample], outputs: Sequence[str], generator: str
+) -> list[dict[str, str]]:
+    """The rows of AlpacaEval's ``model_outputs.json``: instruction, output, generator, dataset."""
+    if len(examples) != len(outputs):
+        raise ValueError(f"{len(examples)} AlpacaEval instructions but {len(outputs)} outputs")
+    return [
+        {"instruction": e.instruction, "output": o, "generator": generator, "dataset": e.dataset}
+        for e, o in zip(examples, outputs, strict=True)
+    ]
+
+
 def export_alpaca_eval_outputs(
     examples: Sequence[AlpacaEvalExample],
     outputs: Sequence[str],
@@ -334,12 +346,7 @@ def export_alpaca_eval_outputs(
 ) -> Path:
     """Write AlpacaEval's ``model_outputs.json`` (instruction, output, generator, dataset) for the
     official judge: ``alpaca_eval --model_outputs PATH``."""
-    if len(examples) != len(outputs):
-        raise ValueError(f"{len(examples)} AlpacaEval instructions but {len(outputs)} outputs")
-    rows = [
-        {"instruction": e.instruction, "output": o, "generator": generator, "dataset": e.dataset}
-        for e, o in zip(examples, outputs, strict=True)
-    ]
+    rows = alpaca_eval_outputs(examples, outputs, generator)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -29,7 +29,7 @@ def export_iteration(run_dir: str | Path, iteration: int, out: str | Path) -> di
     out = Path(out)
     paths = {"policy": out / "policy", "reward_model": out / "reward_model"}
     save_hf(run.models.policy, policy, paths["policy"], tokenizer=run.models.tokenizer)
-    save_hf(run.models.reward, reward, paths["reward_model"], tokenizer=run.models.tokenizer)
+    save_hf(run.models.reward, reward, paths["reward_model"], tokenizer=run.models.reward_tokenizer)
     return paths
 
 

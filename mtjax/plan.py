@@ -58,9 +58,9 @@ def num_params(cfg: ModelConfig, head: str) -> int:
 def shape_of(source: str) -> ModelConfig:
     """The model config a preset's `source` names, without loading any weights."""
     if source == "tiny":
-        from mtjax.em import tiny_model_config
+        from mtjax.sources import tiny_config
 
-        return tiny_model_config(KNOWN_SHAPES["smollm2"]["vocab_size"])
+        return tiny_config(KNOWN_SHAPES["smollm2"]["vocab_size"])
     if source in KNOWN_SHAPES:
         return ModelConfig(**KNOWN_SHAPES[source])
     config = Path(source) / "config.json"

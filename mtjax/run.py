@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config=configs/mt.py")
     from mtjax import distributed
-    from mtjax.em import validate_config
+    from mtjax.settings import validate_config
 
     try:
         validate_config(cfg)  # before any model is loaded (or any host waits for another)
@@ -96,6 +96,8 @@ def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"mtjax: Mutual-Taught, preset {cfg.preset!r}, workdir {workdir}, {jax.device_count()} "
         f"{jax.devices()[0].platform} devices{hosts}")
+    from mtjax.device_memory import OutOfDeviceMemory
+
     try:
         run = MutualTaught(cfg, workdir, allow_config_change=_OVERRIDE.value)
     except (ValueError, ConfigMismatchError) as e:
@@ -103,7 +105,10 @@ def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
     done = [p for p in run.rd.completed() if p != "prompts"]
     if done:
         say(f"mtjax: resuming; finished phases: {', '.join(done)}")
-    run.run()
+    try:
+        run.run()
+    except OutOfDeviceMemory as e:
+        sys.exit(f"mtjax: {e}")
     from mtjax.distributed import is_primary
     from mtjax.report import write_report
 

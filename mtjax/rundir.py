@@ -61,10 +61,12 @@ OPERATIONAL_SECTIONS = ("checkpoint",)
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`key.path: old -> new` for every leaf that differs between two nested configs (as saved in JSON),
-    leaving out the `OPERATIONAL_SECTIONS`."""
+    leaving out the `OPERATIONAL_SECTIONS` and the operational settings (`device_memory.OPERATIONAL_KEYS`)."""
+    from mtjax.device_memory import OPERATIONAL_KEYS
+
     old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS}
                 for c in (old, new))
-    return _diff(old, new)
+    return [c for c in _diff(old, new) if c.split(":", 1)[0] not in OPERATIONAL_KEYS]
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -100,6 +102,12 @@ class RunDir:
                     "with the new config anyway."
                 )
         _atomic_write_text(config_file, canonical + "\n")
+
+    @staticmethod
+    def has_completed(path: str | os.PathLike, phase: str) -> bool:
+        """Whether the run directory at `path` (if any) recorded `phase`, read without opening it as a run."""
+        file = Path(path) / "phases.json"
+        return file.exists() and any(p["name"] == phase for p in json.loads(file.read_text()))
 
     @staticmethod
     def read_config(path: str | os.PathLike) -> dict:

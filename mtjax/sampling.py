@@ -26,7 +26,7 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -35,10 +35,11 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from mtjax.device_memory import working_on
 from mtjax.models import init_cache
 
 __all__ = [
-    "Generation", "TRACE_COUNTS", "bucket_length", "count_truncated", "decode", "dedup_per_prompt",
+    "Generation", "SamplingConfig", "TRACE_COUNTS", "bucket_length", "count_truncated", "decode", "dedup_per_prompt",
     "filter_logits", "generate", "sample_logits", "score", "strip_stop",
 ]
 
@@ -52,6 +53,36 @@ TRACE_SHAPES: collections.Counter[tuple[int, int, int]] = collections.Counter()
 SHARE_PREFILL = True
 
 _BATCH_AXES = ("data", "fsdp")
+_BATCH_SETTINGS = ("sampling.max_batch_tokens", "sampling.batch_size")  # what an OOM message tells to lower
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How `generate` samples and how `generate` / `score` batch: the `sampling` section of a run.
+
+    `temperature=0` is greedy; `top_p` in (0, 1]; `top_k=0` is off. A jitted call holds at most `batch_size`
+    rows (prompt x sample) and at most `max_batch_tokens` tokens of padded rows (rows x (prompt bucket +
+    `max_new_tokens`) when sampling, rows x padded length when scoring; a single longer row runs alone),
+    so one long prompt cannot blow up a batch."""
+
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 32
+    max_batch_tokens: int = 65536
+
+    def __post_init__(self) -> None:
+        for name, minimum in (("num_samples", 1), ("max_new_tokens", 1), ("top_k", 0), ("batch_size", 1),
+                              ("max_batch_tokens", 1)):
+            _check_int(f"SamplingConfig.{name}", getattr(self, name), minimum)
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"SamplingConfig.temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0.0 < p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {p!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +374,21 @@ def _plan_groups(num_samples: int, batch_size: int, divisor: int) -> tuple[int, 
     return group, batch_size // group // divisor * divisor
 
 
+def _budget_chunks(items: Sequence[Any], tokens_per_item: Callable[[Any], int], max_items: int,
+                   max_tokens: int) -> list[tuple[list[Any], int]]:
+    """Consecutive chunks of `items` (sorted longest first, so a chunk's first item is its widest) as
+    `(chunk, limit)`: at most `max_items` each, and, where `limit x tokens_per_item(first)` would exceed
+    `max_tokens`, the largest power of two of items that fits (at least one). `limit` is the row count the
+    chunk is padded towards (`_padded_rows`), so the padded batch stays within the budget too."""
+    chunks, start = [], 0
+    while start < len(items):
+        fit = max_tokens // max(1, tokens_per_item(items[start]))
+        limit = max_items if fit >= max_items else 1 << (max(fit, 1).bit_length() - 1)
+        chunks.append((list(items[start: start + limit]), limit))
+        start += limit
+    return chunks
+
+
 def _place(arrays: Iterable[np.ndarray], mesh) -> list[jax.Array]:
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
@@ -389,7 +435,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, num_samples: int = 1, eos_token_ids: Sequence[int],
-             pad_token_id: int, seed: int = 0, batch_size: int = 32, mesh=None,
+             pad_token_id: int, seed: int = 0, batch_size: int = 32, max_batch_tokens: int = 65536, mesh=None,
              progress: bool = True, first_prompt_index: int = 0) -> list[list[Generation]]:
     """Samples `num_samples` responses for every prompt: `out[prompt][sample]`.
 
@@ -408,23 +454,19 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
         a batch holds `batch_size // K` whole prompts (all their samples, sharing one prefill), i.e.
         `batch_size` is rounded down to a multiple of K; with K > batch_size a prompt's samples are split into
         even groups of at most `batch_size` rows (one prompt per batch). Results do not depend on it.
+      max_batch_tokens: at most this many tokens of KV cache per jitted call, rows x (prompt bucket +
+        max_new_tokens): batches of long prompts hold fewer rows (a power of two, so few shapes compile).
       mesh: optional `Mesh` with axes ('data', 'fsdp', ...): the batch is split over ('data', 'fsdp').
       progress: a tqdm bar over batches with generated tokens/s.
     """
     cfg = model.cfg
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 1)
-    num_samples = _check_int("num_samples", num_samples, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
-    top_k = _check_int("top_k", top_k, 0)
+    SamplingConfig(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   top_k=top_k, batch_size=batch_size, max_batch_tokens=max_batch_tokens)  # checks every value
     seed = _check_int("seed", seed, 0)
     first_prompt_index = _check_int("first_prompt_index", first_prompt_index, 0)
     if seed >= 2**32:
         raise ValueError(f"seed must be < 2**32, got {seed}")
     pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
-    if not isinstance(temperature, (int, float, np.floating)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if not isinstance(top_p, (int, float, np.floating)) or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     if isinstance(eos_token_ids, (int, np.integer)):
         raise ValueError("eos_token_ids must be a sequence of ints (e.g. [eos_id]), got a single int")
     eos = tuple(_check_int("eos_token_ids[]", int(e) if isinstance(e, np.integer) else e, 0) for e in eos_token_ids)
@@ -471,11 +513,12 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                     results[p][s] = Generation(tuple(row[: stop_at + 1]), "stop")
                 n_tokens += results[p][s].length
 
-    chunks = [jobs[i: i + prompts_per_batch] for i in range(0, len(jobs), prompts_per_batch)]
+    chunks = _budget_chunks(jobs, lambda job: group * (bucket_length(len(rows[job[0]])) + max_new_tokens),
+                            prompts_per_batch, max_batch_tokens)
     pending = None
     with _progress(len(chunks), "generate", progress) as bar:
-        for chunk in chunks:
-            n_prompts = _padded_rows(len(chunk), prompts_per_batch, divisor)
+        for chunk, limit in chunks:
+            n_prompts = _padded_rows(len(chunk), limit, divisor)
             length = bucket_length(max(len(rows[p]) for p, _ in chunk))
             ids, mask = _left_pad([rows[p] for p, _ in chunk], n_prompts, length, pad_token_id)
             # group j owns rows [j * group, (j + 1) * group); a short group repeats its last sample (same key:
@@ -487,6 +530,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                 sample_idx[j * group: (j + 1) * group] = samples[-1]
                 sample_idx[j * group: j * group + len(samples)] = samples
             batch = _place([ids, mask, prompt_idx, sample_idx], mesh)
+            working_on("sampling", (n_prompts * group, length + max_new_tokens), _BATCH_SETTINGS)
             out = program(params, *batch, *scalars)  # dispatched asynchronously
             if pending is not None:  # sync on the previous batch while this one runs
                 collect(pending)
@@ -503,14 +547,17 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
 
 
 def score(reward_model, params, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
-          batch_size: int = 32, pad_token_id: int, mesh=None, progress: bool = True) -> np.ndarray:
+          batch_size: int = 32, max_batch_tokens: int = 65536, pad_token_id: int, mesh=None,
+          progress: bool = True) -> np.ndarray:
     """Rewards `[N]` float32 of `reward_model` for each (prompt, response) pair, input = prompt + response ids.
 
-    Pairs are sorted by length, left-padded to `bucket_length` buckets and batched; the reward is read
+    Pairs are sorted by length, left-padded to `bucket_length` buckets and batched: at most `batch_size`
+    rows and `max_batch_tokens` padded tokens per call (fewer rows for long sequences); the reward is read
     at the last real token (by mask). Responses may be empty; prompts may not.
     """
     cfg = reward_model.cfg
     batch_size = _check_int("batch_size", batch_size, 1)
+    max_batch_tokens = _check_int("max_batch_tokens", max_batch_tokens, 1)
     pad_token_id = _check_int("pad_token_id", pad_token_id, 0)
     p_rows = _check_ids("prompts", prompts, cfg.vocab_size, allow_empty=False)
     r_rows = _check_ids("responses", responses, cfg.vocab_size, allow_empty=True)
@@ -527,16 +574,17 @@ def score(reward_model, params, prompts: Sequence[Sequence[int]], responses: Seq
     program = _score_program(type(reward_model), cfg)
     params = _on_device(params)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-    chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = _budget_chunks(order, lambda i: bucket_length(len(seqs[i])), batch_size, max_batch_tokens)
     rewards = np.zeros(len(seqs), np.float32)
     pending = None
     with _progress(len(chunks), "score", progress) as bar:
-        for chunk in chunks + [None]:
+        for chunk, limit in chunks + [(None, 0)]:
             out = None
             if chunk is not None:
-                n_rows = _padded_rows(len(chunk), batch_size, divisor)
+                n_rows = _padded_rows(len(chunk), limit, divisor)
                 ids, mask = _left_pad([seqs[i] for i in chunk], n_rows, bucket_length(len(seqs[chunk[0]])),
                                       pad_token_id)
+                working_on("reward scoring", ids.shape, _BATCH_SETTINGS)
                 out = program(params, *_place([ids, mask], mesh))
             if pending is not None:
                 prev_chunk, prev_out = pending

@@ -87,12 +87,31 @@ class OptimizerConfig:
     eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        if self.total_steps < 1:
-            raise ValueError(f"OptimizerConfig.total_steps must be >= 1, got {self.total_steps}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"OptimizerConfig.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"OptimizerConfig.max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        _check_all(self, [
+            (self.total_steps >= 1, f"total_steps must be >= 1, got {self.total_steps}"),
+            (_finite(self.learning_rate) and self.learning_rate > 0,
+             f"learning_rate must be a finite number > 0, got {self.learning_rate}"),
+            (_finite(self.warmup_ratio) and 0.0 <= self.warmup_ratio <= 1.0,
+             f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm is None or (_finite(self.max_grad_norm) and self.max_grad_norm > 0),
+             f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}"),
+            (_finite(self.b1) and 0.0 <= self.b1 < 1.0 and _finite(self.b2) and 0.0 <= self.b2 < 1.0,
+             f"b1 and b2 must be in [0, 1), got {self.b1}, {self.b2}"),
+            (_finite(self.eps) and self.eps > 0, f"eps must be a finite number > 0, got {self.eps}"),
+        ])
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_all(config: Any, checks: list[tuple[bool, str]]) -> None:
+    """Raises one ValueError naming every failed check as `Class.message`, joined by '; '."""
+    failed = [f"{type(config).__name__}.{message}" for ok, message in checks if not ok]
+    if failed:
+        raise ValueError("; ".join(failed))
 
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
@@ -303,16 +322,18 @@ class DPOConfig:
     logits_chunk: int | None = None
 
     def __post_init__(self) -> None:
-        if self.logits_chunk is not None and self.logits_chunk < 1:
-            raise ValueError(f"DPOConfig.logits_chunk must be None or >= 1, got {self.logits_chunk}")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"DPOConfig.loss_type={self.loss_type!r}; expected one of {DPO_LOSS_TYPES}")
-        if self.reference not in ("model", "precomputed"):
-            raise ValueError(f"DPOConfig.reference={self.reference!r}; expected 'model' or 'precomputed'")
-        if self.beta <= 0:
-            raise ValueError(f"DPOConfig.beta must be > 0, got {self.beta}")
-        if self.num_micro_batches < 1:
-            raise ValueError(f"DPOConfig.num_micro_batches must be >= 1, got {self.num_micro_batches}")
+        _check_all(self, [
+            (self.logits_chunk is None or self.logits_chunk >= 1,
+             f"logits_chunk must be None or >= 1, got {self.logits_chunk}"),
+            (self.loss_type in DPO_LOSS_TYPES, f"loss_type={self.loss_type!r} is not one of {DPO_LOSS_TYPES}"),
+            (self.reference in ("model", "precomputed"),
+             f"reference={self.reference!r} is not 'model' or 'precomputed'"),
+            (_finite(self.beta) and self.beta > 0, f"beta must be a finite number > 0, got {self.beta}"),
+            (_finite(self.label_smoothing) and 0.0 <= self.label_smoothing < 0.5,
+             f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (_finite(self.simpo_gamma), f"simpo_gamma must be a finite number, got {self.simpo_gamma}"),
+            (self.num_micro_batches >= 1, f"num_micro_batches must be >= 1, got {self.num_micro_batches}"),
+        ])
 
     @property
     def uses_reference(self) -> bool:
@@ -640,8 +661,8 @@ class RewardConfig:
     num_micro_batches: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_micro_batches < 1:
-            raise ValueError(f"RewardConfig.num_micro_batches must be >= 1, got {self.num_micro_batches}")
+        _check_all(self, [(self.num_micro_batches >= 1,
+                           f"num_micro_batches must be >= 1, got {self.num_micro_batches}")])
 
 
 def pair_rewards(model: nn.Module, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -161,7 +161,7 @@ def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path 
     too, but with a few prompts and ≤ max_new_tokens-token answers against long references it is an
     extrapolation of a 2-parameter fit far outside the data, not a measurement."""
     from mtjax import data
-    from mtjax.em import Sample, response_text, score_responses
+    from mtjax.em import Sample, response_text
     from mtjax.evaluate import reward_model_win_rate
     from mtjax.sampling import generate
 
@@ -174,9 +174,10 @@ def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path 
     prompt_ids = [data.chat_prompt_ids(models.tokenizer, x) for x in instructions]
     out = generate(models.policy, policy, prompt_ids, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0,
                    num_samples=1, eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=0,
-                   batch_size=cfg.sampling.batch_size, mesh=run.mesh, progress=False)
+                   batch_size=run.sampling.batch_size, max_batch_tokens=run.sampling.max_batch_tokens, mesh=run.mesh,
+                   progress=False)
     samples = [Sample(tuple(int(x) for x in s[0].token_ids), s[0].finish_reason == "stop") for s in out]
-    responses = [response_text(models.tokenizer, s) for s in samples]
+    responses = [response_text(models, s) for s in samples]
     # Score the policy's sampled ids; references as text + EOS, cut to fit the RM's context if needed.
     limit = models.reward.cfg.max_position_embeddings
     known, cut = {}, 0
@@ -198,7 +199,7 @@ def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path 
         if is_ref and all(p in ref_scores for p in prompts):
             return np.asarray([ref_scores[p] for p in prompts], np.float64)
         p_ids, r_ids = zip(*(known[(p, r)] for p, r in zip(prompts, texts, strict=True)), strict=True)
-        scores = score_responses(models, r0, p_ids, r_ids, cfg.sampling.batch_size, run.mesh)
+        scores = run.scorer.score_ids(r0, list(prompts), p_ids, r_ids, progress=False)
         if is_ref and reference_cache:
             ref_scores.update(zip(prompts, map(float, scores), strict=True))
             write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items())})
@@ -259,6 +260,7 @@ def check_config(arm_dir: Path, cfg) -> None:
 def run_arm(args, arm: str, seed: int, examples) -> dict:
     """Runs (or resumes) one arm of one seed and its AlpacaEval evaluations; returns timing info."""
     from mtjax import em
+    from mtjax.settings import validate_config
 
     cfg = arm_config(args.preset, args.override, arm, seed)
     seed_dir = Path(args.workdir) / f"seed_{seed}"
@@ -278,7 +280,7 @@ def run_arm(args, arm: str, seed: int, examples) -> dict:
         return {"status": "done", "seconds": 0.0}
     start = time.perf_counter()
     if arm != "mutual":
-        em.validate_config(cfg)
+        validate_config(cfg)
         em.share_base_phases(str(seed_dir / "mutual"), cfg, str(arm_dir))
     run = em.MutualTaught(cfg, str(arm_dir))
     if not finished:

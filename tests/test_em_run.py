@@ -234,7 +234,7 @@ def test_export_loads_in_transformers(reference_run, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.sampling.no_such_key=3"], "unknown config key"),
-    (["--config.sampling.top_p=1.5", "--config.iterations=0"], "top_p=1.5 must be in (0, 1]"),
+    (["--config.sampling.top_p=1.5", "--config.iterations=0"], "sampling.top_p must be in (0, 1], got 1.5"),
     (["--config.sampling.top_p=abc"], "could not convert string to float"),
 ])
 def test_cli_rejects_bad_config_with_one_clear_message(args, message, tmp_path):
@@ -259,7 +259,7 @@ def test_checkpoint_gate_continues_from_the_kept_policy(tmp_path):
     assert run.rd.summary("iter_2/gate")["against_iteration"] == kept
     stored = run.sample_rows("iter_2/e_step/samples.jsonl", "policy_2")
     again = em.sample_responses(run.models, run.params_at(kept)[0], run.prompt_ids("policy_2"),
-                                cfg.sampling.num_samples, cfg.sampling, run._seed("iter_2/e_step/samples.jsonl"),
+                                cfg.sampling.num_samples, run.sampling, run._seed("iter_2/e_step/samples.jsonl"),
                                 run.mesh)
     assert [[tuple(r["response_ids"]) for r in g] for g in stored] == [[s.ids for s in g] for g in again]
 
@@ -272,7 +272,7 @@ def test_evaluation_scores_the_sampled_tokens_not_a_text_round_trip(reference_ru
     prompt_text, prompt_ids = run.splits["heldout_eval"]["prompt"][i], run.prompt_ids("heldout_eval")[i]
     _, rm = run.params_at(1)
     known = {(prompt_text, row["text"]): (prompt_ids, row["response_ids"])}
-    on_ids = em.score_responses(run.models, rm, [prompt_ids], [row["response_ids"]], 4)
+    on_ids = run.scorer.score_ids(rm, [prompt_text], [prompt_ids], [row["response_ids"]])
     np.testing.assert_array_equal(run.text_score_fn(rm, known)([prompt_text], [row["text"]]), on_ids)
     round_trip = run.text_score_fn(rm, {})([prompt_text], [row["text"]])
     assert not np.array_equal(round_trip, on_ids)

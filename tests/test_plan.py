@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax.em import tiny_model_config
 from mtjax.models import init_cache, make_model
 from mtjax.plan import Mesh, format_plan, num_params, plan, shape_of
+from mtjax.sources import tiny_config as tiny_model_config
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
 import mt  # noqa: E402

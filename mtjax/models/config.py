@@ -13,6 +13,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ATTENTION_IMPLS = (None, "xla", "cudnn")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,9 @@ class ModelConfig:
             raise ValueError(
                 f"rope_type={self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(SUPPORTED_DTYPES)}")
         if self.attention_impl not in SUPPORTED_ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of None, 'xla', 'cudnn'")
         if self.num_heads % self.num_kv_heads:

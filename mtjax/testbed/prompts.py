@@ -64,6 +64,8 @@ PROMPT_FEATURES = datasets.Features(
     {
         "prompt_id": datasets.Value("string"),
         "prompt": datasets.Value("string"),
+        # A multi-turn prompt's turns (empty for a single user message, which `prompt` holds).
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")}),
         "task_id": datasets.Value("string"),
         "task_category": datasets.Value("string"),
         "instruction_id_list": datasets.List(datasets.Value("string")),
@@ -169,7 +171,7 @@ def _to_hub_layout(row: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(
             f"prompt {row['prompt_id']} has kwargs keys missing from KWARGS_FEATURES: {sorted(unknown)}"
         )
-    return {**row, "kwargs": [{k: kw.get(k) for k in KWARGS_FEATURES} for kw in row["kwargs"]]}
+    return {"messages": [], **row, "kwargs": [{k: kw.get(k) for k in KWARGS_FEATURES} for kw in row["kwargs"]]}
 
 
 def generate_prompt_rows(config: PromptGeneratorConfig) -> dict[str, list[dict[str, Any]]]:
@@ -246,7 +248,7 @@ def load_prompt_splits(directory: str | Path) -> datasets.DatasetDict:
     for name, info in manifest["splits"].items():
         path = directory / info["file"]
         with open(path, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            rows = [{"messages": [], **json.loads(line)} for line in f if line.strip()]  # older files: no turns
         split = datasets.Dataset.from_list(rows, features=PROMPT_FEATURES)
         ids_hash = hashlib.sha256("\n".join(split["prompt_id"]).encode()).hexdigest()
         if ids_hash != info["ids_sha256"]:
