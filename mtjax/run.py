@@ -42,6 +42,12 @@ SUMMARY_METRICS = (
     "pairs/policy",
     "pairs/rm_contrastive",
     "pairs/rm_self_training",
+    # the paper's benchmarks (eval.benchmarks): proxies judged offline by r0, RewardBench by r_t
+    "alpaca_eval/proxy_win_rate",
+    "alpaca_eval/proxy_lc_win_rate",
+    "arena_hard/length_mean_tokens",
+    "rewardbench/score",
+    "rewardbench/accuracy",
 )
 
 
