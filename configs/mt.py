@@ -70,6 +70,13 @@ def get_config(preset: str = "") -> ConfigDict:
     # run directory (a different piece size batches prompts differently, which can move a draw that float
     # rounding decides).
     cfg.checkpoint = ConfigDict(dict(train_every_steps=0, train_every_seconds=600.0, sample_every_prompts=2048))
+    # Experiment tracking (mtjax/tracking.py, fields of TrackingConfig): every metrics.jsonl row also goes to
+    # TensorBoard event files in RUN/tensorboard (`tensorboard --logdir runs/NAME`) and, with wandb=True, to
+    # Weights & Biases (pip install 'mtjax[wandb]'; WANDB_MODE=offline keeps it under RUN/wandb). Empty
+    # wandb_entity / wandb_run_name: your default entity / the run directory's name. Changing this section
+    # never blocks resuming a run directory.
+    cfg.logging = ConfigDict(dict(tensorboard=True, wandb=False, wandb_project="mtjax", wandb_entity="",
+                                  wandb_run_name=""))
 
     if preset == "tiny":
         cfg.policy.source = cfg.reward_model.source = "tiny"

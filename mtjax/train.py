@@ -400,11 +400,33 @@ def _pair_forward(model: nn.Module, params: Any, batch: Batch, average: bool, lo
     return chosen, rejected, tokens, stats
 
 
-def _chosen_token_stats(logits: jax.Array, labels: jax.Array, label_mask: jax.Array) -> Metrics:
-    """`losses.completion_token_stats` of the chosen rows (the even rows of `_interleave_pairs`), outside
-    autodiff: one more reduction over the chosen half of logits the loss already holds."""
-    stats = losses.completion_token_stats(jax.lax.stop_gradient(logits[0::2]), labels[0::2], label_mask[0::2])
-    return {**stats, "tokens": jnp.sum(label_mask[0::2], axis=-1)}
+# Positions per reduction of the chosen-token statistics: a softmax over the vocabulary taken over all
+# positions at once makes XLA hold one more [B, T, V] float32 buffer; in pieces it holds [B, 128, V].
+TOKEN_STATS_CHUNK = 128
+
+
+def _chosen_token_stats(logits: jax.Array, labels: jax.Array, label_mask: jax.Array,
+                        in_pieces: bool = True) -> Metrics:
+    """`losses.completion_token_stats` of the chosen rows (the even rows of `_interleave_pairs`) plus their
+    token count, outside autodiff, from logits the loss already holds. `in_pieces`: `TOKEN_STATS_CHUNK`
+    positions at a time (the last piece shifted back to end at T, positions an earlier piece counted
+    masked); the chunked-logits path passes pieces that are small already."""
+    logits = jax.lax.stop_gradient(logits)
+    tokens = jnp.sum(label_mask[0::2], axis=-1)
+    length, chunk = logits.shape[1], min(TOKEN_STATS_CHUNK, logits.shape[1])
+    if not in_pieces or chunk == length:
+        return {**losses.completion_token_stats(logits[0::2], labels[0::2], label_mask[0::2]), "tokens": tokens}
+
+    def add_piece(index, totals):
+        start = jnp.minimum(index * chunk, length - chunk)
+        piece = [jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)[0::2] for x in (logits, labels, label_mask)]
+        fresh = start + jnp.arange(chunk) >= index * chunk
+        stats = losses.completion_token_stats(piece[0], piece[1], piece[2] * fresh)
+        return {name: totals[name] + stats[name] for name in totals}
+
+    zeros = jnp.zeros((logits.shape[0] // 2,), jnp.float32)
+    totals = jax.lax.fori_loop(0, -(-length // chunk), add_piece, {"entropy": zeros, "correct": zeros})
+    return {**totals, "tokens": tokens}
 
 
 def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask, average, chunk,
@@ -430,7 +452,7 @@ def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels,
     def body(total, xs):
         hidden_chunk, labels_chunk, mask_chunk = xs
         logits = model.apply({"params": params}, hidden_chunk, method=type(model).logits_from_hidden)
-        stats = _chosen_token_stats(logits, labels_chunk, mask_chunk) if token_stats else None
+        stats = _chosen_token_stats(logits, labels_chunk, mask_chunk, in_pieces=False) if token_stats else None
         return total + losses.sequence_logprobs(logits, labels_chunk, mask_chunk), stats
 
     total, stats = jax.lax.scan(body, jnp.zeros((batch,), jnp.float32),

@@ -315,10 +315,13 @@ def _greedy_in_even_rows(model, params, batch) -> np.ndarray:
     return ids
 
 
-@pytest.mark.parametrize("num_micro_batches, logits_chunk", [(1, None), (4, 5)])
-def test_dpo_metrics_match_an_independent_computation(policy, num_micro_batches, logits_chunk):
+@pytest.mark.parametrize("num_micro_batches, logits_chunk, stats_chunk", [(1, None, 5), (4, 5, 128)])
+def test_dpo_metrics_match_an_independent_computation(policy, num_micro_batches, logits_chunk, stats_chunk,
+                                                      monkeypatch):
     """TRL's DPO metrics, KL, entropy, token accuracy and token counts against numpy on the same batch:
-    exact under 4 micro-batches (one of them all padding), chunked logits and weight-0 rows."""
+    exact under 4 micro-batches (one of them all padding), chunked logits, weight-0 rows, and token
+    statistics taken in pieces of 5 positions (16 = 5 + 5 + 5 + an overlapping last piece)."""
+    monkeypatch.setattr(train, "TOKEN_STATS_CHUNK", stats_chunk)
     model, params = policy
     reference_params = _init_params(model, seed=3)  # another model: nonzero log-ratios and rewards
     batch = {k: np.concatenate([a, b]) for (k, a), b in zip(_dpo_batch(1).items(), _dpo_batch(7).values(),
