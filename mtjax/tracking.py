@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import struct
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -215,19 +216,26 @@ class _Sink:
 
 
 class _TensorBoardSink(_Sink):
-    """One new event file per writer (unique name: a rerun never appends to or replaces an old file),
-    flushed after every row so a crash loses at most the row in flight."""
+    """One new event file per writer (unique name: a rerun never appends to or replaces an old file), one
+    event per row, written and fsynced before `write` returns (tensorboardX's own SummaryWriter queues
+    events for a thread that flushes every two minutes: a crash would lose them, and a resumed run could not
+    tell which rows the file holds)."""
 
     def __init__(self, folder: Path):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
 
         # NaN is a value the run means to log (an accuracy with no pair to judge), not a fault to warn about.
         logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
-        self._writer = SummaryWriter(logdir=str(folder), filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        folder.mkdir(parents=True, exist_ok=True)
+        self._writer = EventsWriter(str(folder / "events"), filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
     def write(self, scalars: Mapping[str, float], step: int) -> None:
-        for tag, value in scalars.items():
-            self._writer.add_scalar(tag, value, global_step=step)
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+        from tensorboardX.summary import scalar
+
+        values = [value for tag, number in scalars.items() for value in scalar(tag, number).value]
+        self._writer.write_event(Event(wall_time=time.time(), step=step, summary=Summary(value=values)))
         self._writer.flush()
 
     def close(self) -> None:
