@@ -25,6 +25,7 @@ from mtjax.models.config import ModelConfig
 from mtjax.prompt_sets import PromptConfig
 from mtjax.sampling import SamplingConfig
 from mtjax.sources import ModelSource
+from mtjax.tracking import TrackingConfig
 from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig
 
 PRESETS = ("default", "tiny", "gpu", "paper")
@@ -68,6 +69,9 @@ def get_config(preset: str = "") -> ConfigDict:
     cfg.mesh = section(settings.MeshConfig)
     # Saves inside a phase (settings.CheckpointConfig); changing them never blocks resuming a run directory.
     cfg.checkpoint = section(settings.CheckpointConfig)
+    # Where metrics go besides metrics.jsonl (tracking.TrackingConfig): TensorBoard event files in RUN/tensorboard
+    # (on), Weights & Biases (off); changing this section never blocks resuming a run directory.
+    cfg.logging = section(TrackingConfig)
 
     if preset == "tiny":
         cfg.policy.source = cfg.reward_model.source = "tiny"

@@ -30,7 +30,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from mtjax import data, settings
+from mtjax import data, settings, tracking
 from mtjax.device_memory import explain, is_out_of_memory, working_on
 from mtjax.distributed import barrier, is_primary
 from mtjax.rundir import RunDir
@@ -217,7 +217,8 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                     pending = None
                     history.append(row)
                     log({"step": len(history), "epoch": epoch, "train": row})
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
+                    accuracy = row.get("accuracy", row.get("rewards/accuracies", float("nan")))  # RM, DPO
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{accuracy:.2f}")
                     bar.update(1)
                     if checkpoint is not None and len(history) < total and checkpoint.due(len(history)):
                         checkpoint.save(state, history)
@@ -333,6 +334,8 @@ class MutualTaught:
                 print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
         built = None if RunDir.has_completed(workdir, "prompts") else self._build_prompt_splits(specs)
         self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
+        self.tracker = tracking.MetricsWriter(self.rd, settings.build(tracking.TrackingConfig, cfg.logging),
+                                              run_config=cfg.to_dict())
         self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
         self.models = load_models(specs, cfg.seed, self.mesh)
         self.splits = self._prompt_splits(built)
@@ -498,7 +501,8 @@ class MutualTaught:
                                every_seconds=c.train_every_seconds)
 
     def log(self, phase: str) -> Callable[[dict], None]:
-        return lambda row: self.rd.log_metrics(_metrics_row(phase, row))
+        """The logger of `phase`'s rows: metrics.jsonl and the tracking sinks (`mtjax.tracking`)."""
+        return lambda row: self.tracker.log(_metrics_row(phase, row))
 
     # -- stored samples ----------------------------------------------------------------------
 
@@ -517,7 +521,7 @@ class MutualTaught:
             first = len(rows) // num_samples  # pieces are whole prompts
             if first and is_primary():
                 print(f"mtjax: {path}: resuming after {first} of {len(prompts)} prompts", flush=True)
-            seconds = tokens = truncated = responses = 0
+            seconds, num_partial_rows = 0.0, len(rows)
             for lo in range(first, len(prompts), piece):
                 start = time.perf_counter()
                 hi = min(lo + piece, len(prompts))
@@ -539,16 +543,11 @@ class MutualTaught:
                 if hi < len(prompts):
                     self.rd.write_jsonl(partial, rows)
                 seconds += time.perf_counter() - start
-                tokens += sum(len(x.ids) for s in samples for x in s)
-                truncated += sum(not x.stopped for s in samples for x in s)
-                responses += sum(map(len, samples))
             self.rd.write_jsonl(path, rows)
             if is_primary():
                 self.rd.file(partial).unlink(missing_ok=True)
-            self.rd.log_metrics(_metrics_row(phase, {"sampling": {
-                name: {"responses": responses, "tokens": tokens, "seconds": seconds,
-                       "tokens_per_second": tokens / max(seconds, 1e-9), "truncated": truncated,
-                       "resumed_after_prompts": first}}}))
+            self.log(phase)({"sampling": {name: tracking.sampling_metrics(rows, len(rows) - num_partial_rows,
+                                                                          seconds, first)}})
         groups = self.sample_rows(path, split)
         samples = [[Sample(tuple(r["response_ids"]), r["stopped"]) for r in group] for group in groups]
         rewards = [[r["reward"] for r in group] for group in groups]
@@ -666,6 +665,7 @@ class MutualTaught:
                 result.update({f"{name}_{k}": v for name, values in benchmarks.items() for k, v in values.items()})
                 metrics["pairs"] = self._pair_counts(t)
                 self.rd.write_json(f"eval/iter_{t}.json", {"iteration": t, "metrics": metrics})
+                self.log(phase)(metrics)  # the same names in metrics.jsonl and the tracking sinks
                 self.rd.write_json(f"{phase}/results.json", result)
                 summary.update(result)
         return self.rd.summary(phase)
@@ -744,6 +744,7 @@ class MutualTaught:
 
     def run(self) -> list[dict]:
         start = time.perf_counter()
+        self.tracker.open()
         base_rm = self.base_reward_model()
         policy, rm = self.models.policy_params, base_rm
         results = [self.evaluate(0, policy, rm)]
@@ -756,6 +757,7 @@ class MutualTaught:
                 policy, kept = new_policy, t
         self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
                                             "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
+        self.tracker.close()
         return results
 
     def gate(self, t: int, kept: int, rm_params: Any) -> bool:

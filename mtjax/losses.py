@@ -24,6 +24,8 @@ __all__ = [
     "simpo_loss",
     "bradley_terry_loss",
     "preference_metrics",
+    "sampled_kl",
+    "completion_token_stats",
     "reward_model_metrics",
 ]
 
@@ -257,43 +259,90 @@ def preference_metrics(
     reference_rejected_logps: Array | None,
     beta: float,
 ) -> dict[str, Array]:
-    """Per-example diagnostics of a DPO-family step (the caller averages them).
+    """Per-example diagnostics of a DPO-family step under TRL's names (the caller averages them).
 
     Implicit rewards r = β (log π − log π_ref) (Rafailov et al. 2023, eq. 5); without a reference
     (SimPO) r = β log π on whatever log-probs are passed. Accuracy is 1 where the chosen reward is
     strictly higher, as in TRL's `rewards/accuracies`.
 
     Returns:
-      dict of `[B]` float32 arrays: `chosen_rewards`, `rejected_rewards`, `margins`, `accuracy`,
-      `chosen_logratio`, `rejected_logratio` (log π − log π_ref; the log-probs themselves without a
-      reference).
+      dict of `[B]` float32 arrays: `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
+      `rewards/accuracies`, `logps/chosen`, `logps/rejected` (the policy's log-probs as passed).
     """
     chosen = jnp.asarray(policy_chosen_logps, jnp.float32)
     rejected = jnp.asarray(policy_rejected_logps, jnp.float32)
     if (reference_chosen_logps is None) != (reference_rejected_logps is None):
         raise ValueError("pass both reference_chosen_logps and reference_rejected_logps, or neither")
+    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
     if reference_chosen_logps is not None:
-        chosen = chosen - jnp.asarray(reference_chosen_logps, jnp.float32)
-        rejected = rejected - jnp.asarray(reference_rejected_logps, jnp.float32)
-    chosen_rewards = beta * chosen
-    rejected_rewards = beta * rejected
+        chosen_rewards = beta * (chosen - jnp.asarray(reference_chosen_logps, jnp.float32))
+        rejected_rewards = beta * (rejected - jnp.asarray(reference_rejected_logps, jnp.float32))
     return {
-        "chosen_rewards": chosen_rewards,
-        "rejected_rewards": rejected_rewards,
-        "margins": chosen_rewards - rejected_rewards,
-        "accuracy": (chosen_rewards > rejected_rewards).astype(jnp.float32),
-        "chosen_logratio": chosen,
-        "rejected_logratio": rejected,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(jnp.float32),
+        "logps/chosen": chosen,
+        "logps/rejected": rejected,
+    }
+
+
+def sampled_kl(policy_logps: Array, reference_logps: Array) -> Array:
+    """Per-sequence estimate of KL(π_ref ‖ π) from responses y that π_ref sampled.
+
+        k1(y) = log π_ref(y|x) − log π(y|x),   E_{y ~ π_ref}[k1] = KL(π_ref ‖ π)
+
+    ("k1" in Schulman 2020, "Approximating KL divergence"). It needs nothing beyond the summed
+    sequence log-probs a DPO step already has, stays finite for any log-ratio, and adds up over tokens.
+    The alternative k3 = r − 1 − log r (r = π/π_ref) is never negative but exponentiates a whole
+    sequence's log-ratio, which reaches tens of nats and overflows float32 past 88. k1 is unbiased only
+    for fresh samples of π_ref: on the very responses DPO trains on it can go negative (DPO raises
+    log π on chosen responses), so read it as a trend.
+
+    Args:
+      policy_logps, reference_logps: `[B]` summed completion log-probs of the same responses.
+
+    Returns:
+      `[B]` float32.
+    """
+    return jnp.asarray(reference_logps, jnp.float32) - jnp.asarray(policy_logps, jnp.float32)
+
+
+def completion_token_stats(logits: Array, labels: Array, loss_mask: Array) -> dict[str, Array]:
+    """Per-sequence sums over the counted tokens of the next-token distribution's entropy and of
+    correct greedy predictions (TRL's `entropy` and `mean_token_accuracy` before averaging).
+
+        entropy = sum_t m_t H(softmax(logits_t)),   H(p) = logsumexp(z) − sum_v p_v z_v
+        correct = sum_t m_t [argmax_v logits_t = labels_t]
+
+    Sums, not means, so a caller can divide by the token count of a whole (accumulated) batch and get
+    exact per-token means. Aligned like `sequence_logprobs` (`logits[:, t]` scores `labels[:, t]`).
+
+    Returns:
+      `{"entropy": [B], "correct": [B]}` float32.
+    """
+    logits = logits.astype(jnp.float32)
+    weights = loss_mask.astype(jnp.float32)
+    counted = loss_mask > 0
+    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - log_normaliser[..., None])
+    entropy = log_normaliser - jnp.sum(jnp.where(probs > 0, probs * logits, 0.0), axis=-1)  # 0·(−inf) = 0
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return {
+        "entropy": jnp.sum(jnp.where(counted, entropy * weights, 0.0), axis=-1),
+        "correct": jnp.sum(jnp.where(counted, correct * weights, 0.0), axis=-1),
     }
 
 
 def reward_model_metrics(chosen_rewards: Array, rejected_rewards: Array) -> dict[str, Array]:
-    """Per-example diagnostics of a reward-model step: rewards, margin, pairwise accuracy (`[B]` each)."""
+    """Per-example diagnostics of a reward-model step under TRL's RewardTrainer names, split by side
+    (the caller averages them; min/max over a batch are the caller's too): `mean_reward/chosen`,
+    `mean_reward/rejected` (the rewards), `margin`, `accuracy` (`[B]` each)."""
     chosen = jnp.asarray(chosen_rewards, jnp.float32)
     rejected = jnp.asarray(rejected_rewards, jnp.float32)
     return {
-        "chosen_rewards": chosen,
-        "rejected_rewards": rejected,
-        "margins": chosen - rejected,
+        "mean_reward/chosen": chosen,
+        "mean_reward/rejected": rejected,
+        "margin": chosen - rejected,
         "accuracy": (chosen > rejected).astype(jnp.float32),
     }

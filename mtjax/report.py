@@ -1,8 +1,10 @@
 """Per-iteration report of a Mutual-Taught run: a table and PNG plots from the run directory's metrics.
 
 ``python -m mtjax.report RUN_DIR`` reads, writes ``RUN_DIR/report/`` (``report.md``, ``metrics.csv``
-and one PNG per metric group) and prints the table. The EM driver calls :func:`write_report` at the
-end of a run and :func:`record_metrics` whenever it has numbers.
+and one PNG per metric group) and prints the table. ``python -m mtjax.run`` calls :func:`write_report` at
+the end of a run; the EM driver writes ``metrics.jsonl`` through ``mtjax.tracking.MetricsWriter`` (which
+also feeds TensorBoard and W&B). :func:`record_metrics` appends a row to a run directory assembled by
+hand (scripts, tests): it reaches ``metrics.jsonl`` only, not the tracking sinks.
 
 Input format (both sources optional; every value must be a number, other values are ignored):
 
@@ -10,8 +12,13 @@ Input format (both sources optional; every value must be a number, other values 
   (0 = the initial policy/RM, t = after Mutual-Taught iteration t) and metric name -> number pairs.
   Nested objects are flattened with ``/`` (``{"policy": {"gold_reward": 0.4}}`` is
   ``policy/gold_reward``). Several lines may share an iteration; later values win. Optional keys
-  ``"phase"`` (e.g. ``"e_step"``) and ``"time"`` are kept out of the table; lines with a ``"step"``
-  (per-step training logs) are skipped: the table holds one value per iteration.
+  ``"phase"`` (e.g. ``"e_step"``), ``"global_step"`` (the tracking step) and ``"time"`` are kept out of
+  the table; lines with a ``"step"`` (per-step training logs) are skipped: the table holds one value per
+  iteration. The driver's lines: per training step ``{"step", "epoch", "train": {...}}`` (TRL's names:
+  ``rewards/margins``, ``logps/chosen``, ``kl``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``
+  ... for DPO; ``accuracy``, ``margin``, ``min_reward/chosen`` ... for the RM); per sampling pass
+  ``{"sampling": {FILE: {"tokens_per_second", "completions/mean_length", ...}}}``; per evaluation the
+  same ``policy`` / ``rm`` / ``pairs`` metrics as ``eval/iter_T.json``.
 * ``RUN_DIR/eval/*.json`` -- one JSON object per file: ``{"iteration": t, "metrics": {...}}``
   (for example the output of ``python -m mtjax.evaluate`` wrapped with its iteration), flattened the
   same way and merged after ``metrics.jsonl``.
@@ -46,7 +53,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-METADATA_KEYS = frozenset({"iteration", "phase", "time", "step", "epoch"})
+# Keys that place a row (iteration, phase, step) rather than measure anything.
+METADATA_KEYS = frozenset({"iteration", "phase", "time", "step", "epoch", "global_step"})
 # Plot groups: (file stem, title, regex on metric names). A metric goes to the first group it matches.
 METRIC_GROUPS: tuple[tuple[str, str, str], ...] = (
     (

@@ -53,10 +53,10 @@ def _canonical(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, indent=2, default=str)
 
 
-# Config sections that change how a run saves its work, not the algorithm: they may differ on resume
-# (`checkpoint.sample_every_prompts` also sets how prompts are batched, which can move a sampled token
-# where float rounding decides a draw).
-OPERATIONAL_SECTIONS = ("checkpoint",)
+# Config sections that change how a run saves its work or reports it, not the algorithm: they may differ
+# on resume (`checkpoint.sample_every_prompts` also sets how prompts are batched, which can move a sampled
+# token where float rounding decides a draw; `logging` picks the tracking sinks).
+OPERATIONAL_SECTIONS = ("checkpoint", "logging")
 
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

@@ -17,6 +17,7 @@ and reports every problem at once with the setting's full name.
     eval         EvalConfig                                    per-iteration evaluation
     mesh         MeshConfig                                    mtjax.sharding.make_mesh
     checkpoint   CheckpointConfig                              mid-phase saves
+    logging      TrackingConfig                                metrics sinks (mtjax.tracking)
 
 `ModelConfig`'s fields are all optional in a section (unset = the checkpoint's value, or the library's
 default for execution settings such as `attention_impl`); `OptimizerConfig.total_steps` is derived from
@@ -165,6 +166,7 @@ def _sections() -> dict[str, tuple[type, ...]]:
     from mtjax.prompt_sets import PromptConfig
     from mtjax.sampling import SamplingConfig
     from mtjax.sources import ModelSource
+    from mtjax.tracking import TrackingConfig
     from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig
 
     return {
@@ -179,6 +181,7 @@ def _sections() -> dict[str, tuple[type, ...]]:
         "eval": (EvalConfig,),
         "mesh": (MeshConfig,),
         "checkpoint": (CheckpointConfig,),
+        "logging": (TrackingConfig,),
     }
 
 
@@ -275,7 +278,7 @@ def unknown_keys(name: str, values: ConfigDict | Mapping[str, Any], classes: Ite
 
 def used_sections(cfg: ConfigDict) -> list[str]:
     """The sections a run reads: `base_rm` only when enabled, `rm` only when the loop retrains the RM."""
-    names = ["policy", "reward_model", "prompts", "sampling", "dpo", "mt", "eval", "mesh", "checkpoint"]
+    names = ["policy", "reward_model", "prompts", "sampling", "dpo", "mt", "eval", "mesh", "checkpoint", "logging"]
     if cfg.base_rm.get("enabled", True):
         names.append("base_rm")
     if cfg.mt.get("rm_update") != "frozen" and cfg.mt.get("schedule") == "iterative":

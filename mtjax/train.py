@@ -4,7 +4,9 @@ The last stage of the data flow (pairs → train step → checkpoint): the EM lo
 phase with `make_dpo_step` (policy, E-step) or `make_reward_model_step` (reward model, M-step) and feeds
 it batches of token-id pairs. Steps are exact under gradient accumulation: each micro-batch contributes
 the SUM of its per-pair losses, and the total is divided by the global number of pairs, so 4 micro-batches
-of 2 pairs give the same update as one batch of 8. Layout comes from `mtjax.sharding`; numerics (bf16
+of 2 pairs give the same update as one batch of 8. The step metrics follow the same rule (sums over pairs
+or tokens divided by whole-batch totals; minima and maxima over real pairs), so they too are independent of
+the micro-batch split and of weight-0 padding rows. Layout comes from `mtjax.sharding`; numerics (bf16
 compute over float32 master weights, remat) come from the model config (`dtype`, `param_dtype`, `remat`).
 
 Batch layout (dicts of arrays, leading dim = pairs; chosen and rejected may have different lengths):
@@ -244,6 +246,17 @@ def _check_micro_batch_size(batch: Batch, num_micro_batches: int, mesh: Mesh) ->
         )
 
 
+_EXTREME_START = {"max_": -jnp.inf, "min_": jnp.inf}
+
+
+def _combine(name: str, total: jax.Array, value: jax.Array) -> jax.Array:
+    if name.startswith("max_"):
+        return jnp.maximum(total, value)
+    if name.startswith("min_"):
+        return jnp.minimum(total, value)
+    return total + value
+
+
 def _accumulate(
     micro_step: Callable[[Any, Batch], tuple[Any, Metrics]],
     params: Any,
@@ -254,7 +267,7 @@ def _accumulate(
 ) -> tuple[Any, Metrics]:
     """Sums `(grads, metric sums)` of `micro_step` over micro-batches with `lax.scan` (float32 grads).
 
-    Metrics whose name starts with "max_" are maxima, the rest sums.
+    Metrics whose name starts with "max_" are maxima, "min_" minima, the rest sums.
     """
     if num_micro_batches == 1:
         return micro_step(params, batch)
@@ -264,15 +277,13 @@ def _accumulate(
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (grads_shape, metrics_shape))
     zeros = (
         jax.lax.with_sharding_constraint(zeros[0], tree_shardings(zeros[0], mesh, rules)),
-        {k: (jnp.full((), -jnp.inf) if k.startswith("max_") else v) for k, v in zeros[1].items()},
+        {k: jnp.full((), _EXTREME_START.get(k[:4], 0.0)) for k in zeros[1]},
     )
 
     def body(carry, micro):
         grads, metrics = micro_step(params, micro)
         grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), carry[0], grads)
-        metric_sum = {
-            k: jnp.maximum(carry[1][k], v) if k.startswith("max_") else carry[1][k] + v for k, v in metrics.items()
-        }
+        metric_sum = {k: _combine(k, carry[1][k], v) for k, v in metrics.items()}
         return (grad_sum, metric_sum), None
 
     (grads, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
@@ -293,10 +304,41 @@ def _weighted_sums(per_pair: Mapping[str, jax.Array], weights: jax.Array) -> Met
     return {name: jnp.sum(value * weights) for name, value in per_pair.items()}
 
 
+def _extremes(per_pair: Mapping[str, jax.Array], weights: jax.Array) -> Metrics:
+    """`min_NAME` and `max_NAME` of each `[B]` value over the real pairs (weight > 0) of a micro-batch."""
+    real = weights > 0
+    out = {}
+    for name, value in per_pair.items():
+        out[f"min_{name}"] = jnp.min(jnp.where(real, value, jnp.inf))
+        out[f"max_{name}"] = jnp.max(jnp.where(real, value, -jnp.inf))
+    return out
+
+
+# Per-token means over the chosen responses' completion tokens: their sums are divided by CHOSEN_TOKENS.
+TOKEN_MEAN_METRICS = ("entropy", "mean_token_accuracy")
+CHOSEN_TOKENS = "num_chosen_completion_tokens"
+
+
 def _finalize_metrics(sums: Metrics, num_pairs: jax.Array) -> Metrics:
-    """Turns weighted sums into means over real pairs; maxima and counts pass through."""
-    keep = ("max_", "num_")
-    return {k: v if k.startswith(keep) else v / num_pairs for k, v in sums.items()}
+    """Turns accumulated sums into logged values: weighted sums become means over the real pairs,
+    `TOKEN_MEAN_METRICS` means over the chosen completion tokens; maxima, minima and counts pass through.
+    Both denominators are totals of the whole batch, so the means are exact under accumulation."""
+    out = {}
+    for name, value in sums.items():
+        if name.startswith(("max_", "min_", "num_")):
+            out[name] = value
+        elif name in TOKEN_MEAN_METRICS:
+            out[name] = value / jnp.maximum(sums[CHOSEN_TOKENS], 1.0)
+        else:
+            out[name] = value / num_pairs
+    return out
+
+
+def _input_tokens(batch: Batch) -> jax.Array:
+    """Non-padding tokens (prompt and completion, chosen and rejected) of each pair, `[B]` float32:
+    the per-pair count behind TRL's cumulative `num_tokens`."""
+    return (jnp.sum(batch["chosen_attention_mask"], axis=-1) + jnp.sum(batch["rejected_attention_mask"], axis=-1)
+            ).astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------- DPO family
@@ -355,6 +397,14 @@ def pair_logprobs(
     only `[2B, c, V]` logits are ever live (forward and backward): the memory-lean path for long
     sequences and large vocabularies. Same values up to float32 summation order.
     """
+    chosen, rejected, tokens, _ = _pair_forward(model, params, batch, average, logits_chunk, token_stats=False)
+    return chosen, rejected, tokens
+
+
+def _pair_forward(model: nn.Module, params: Any, batch: Batch, average: bool, logits_chunk: int | None,
+                  token_stats: bool) -> tuple[jax.Array, jax.Array, jax.Array, Metrics | None]:
+    """`pair_logprobs`, and with `token_stats` also the chosen responses' `losses.completion_token_stats`
+    (`[B]` sums), taken from the same logits: no second vocabulary projection, no gradient through them."""
     input_ids = _interleave_pairs(batch["chosen_input_ids"], batch["rejected_input_ids"])
     attention_mask = _interleave_pairs(batch["chosen_attention_mask"], batch["rejected_attention_mask"])
     loss_mask = _interleave_pairs(batch["chosen_loss_mask"], batch["rejected_loss_mask"])
@@ -362,16 +412,48 @@ def pair_logprobs(
     if logits_chunk is None or logits_chunk >= input_ids.shape[1]:
         logits = model.apply({"params": params}, input_ids, attention_mask=attention_mask)
         logps = losses.sequence_logprobs(logits, labels, label_mask, average=average)
+        stats = _chosen_token_stats(logits, labels, label_mask) if token_stats else None
     else:
-        logps = _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask, average,
-                                           logits_chunk)
+        logps, stats = _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask,
+                                                  average, logits_chunk, token_stats)
     chosen, rejected = _split_pairs(logps)
     tokens = jnp.sum(label_mask, axis=-1).reshape(-1, 2).sum(-1)
-    return chosen, rejected, tokens
+    return chosen, rejected, tokens, stats
 
 
-def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask, average, chunk):
-    """`losses.sequence_logprobs` of the model's logits, computed `chunk` positions at a time."""
+# Positions per reduction of the chosen-token statistics: a softmax over the vocabulary taken over all
+# positions at once makes XLA hold one more [B, T, V] float32 buffer; in pieces it holds [B, 128, V].
+TOKEN_STATS_CHUNK = 128
+
+
+def _chosen_token_stats(logits: jax.Array, labels: jax.Array, label_mask: jax.Array,
+                        in_pieces: bool = True) -> Metrics:
+    """`losses.completion_token_stats` of the chosen rows (the even rows of `_interleave_pairs`) plus their
+    token count, outside autodiff, from logits the loss already holds. `in_pieces`: `TOKEN_STATS_CHUNK`
+    positions at a time (the last piece shifted back to end at T, positions an earlier piece counted
+    masked); the chunked-logits path passes pieces that are small already."""
+    logits = jax.lax.stop_gradient(logits)
+    tokens = jnp.sum(label_mask[0::2], axis=-1)
+    length, chunk = logits.shape[1], min(TOKEN_STATS_CHUNK, logits.shape[1])
+    if not in_pieces or chunk == length:
+        return {**losses.completion_token_stats(logits[0::2], labels[0::2], label_mask[0::2]), "tokens": tokens}
+
+    def add_piece(index, totals):
+        start = jnp.minimum(index * chunk, length - chunk)
+        piece = [jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)[0::2] for x in (logits, labels, label_mask)]
+        fresh = start + jnp.arange(chunk) >= index * chunk
+        stats = losses.completion_token_stats(piece[0], piece[1], piece[2] * fresh)
+        return {name: totals[name] + stats[name] for name in totals}
+
+    zeros = jnp.zeros((logits.shape[0] // 2,), jnp.float32)
+    totals = jax.lax.fori_loop(0, -(-length // chunk), add_piece, {"entropy": zeros, "correct": zeros})
+    return {**totals, "tokens": tokens}
+
+
+def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask, average, chunk,
+                               token_stats=False):
+    """`losses.sequence_logprobs` of the model's logits, computed `chunk` positions at a time, and (with
+    `token_stats`) the chosen rows' token statistics summed over the chunks."""
     if not (hasattr(model, "hidden_states") and hasattr(model, "logits_from_hidden")):
         raise TypeError(f"logits_chunk needs a causal LM with hidden_states/logits_from_hidden, got {type(model)}")
     hidden = model.apply({"params": params}, input_ids, attention_mask=attention_mask,
@@ -391,13 +473,14 @@ def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels,
     def body(total, xs):
         hidden_chunk, labels_chunk, mask_chunk = xs
         logits = model.apply({"params": params}, hidden_chunk, method=type(model).logits_from_hidden)
-        return total + losses.sequence_logprobs(logits, labels_chunk, mask_chunk), None
+        stats = _chosen_token_stats(logits, labels_chunk, mask_chunk, in_pieces=False) if token_stats else None
+        return total + losses.sequence_logprobs(logits, labels_chunk, mask_chunk), stats
 
-    total, _ = jax.lax.scan(body, jnp.zeros((batch,), jnp.float32),
-                            (to_chunks(hidden), to_chunks(labels), to_chunks(label_mask)))
+    total, stats = jax.lax.scan(body, jnp.zeros((batch,), jnp.float32),
+                                (to_chunks(hidden), to_chunks(labels), to_chunks(label_mask)))
     if average:
         total = total / jnp.maximum(jnp.sum(label_mask, axis=-1), 1.0)
-    return total
+    return total, (jax.tree.map(lambda per_chunk: per_chunk.sum(0), stats) if token_stats else None)
 
 
 def _dpo_family_loss(config: DPOConfig, pc, pr, rc, rr) -> jax.Array:
@@ -431,18 +514,25 @@ def _dpo_loss_and_grads(model: nn.Module, config: DPOConfig, mesh: Mesh, rules: 
                 )
 
             def summed_loss(params):
-                pc, pr, tokens = pair_logprobs(model, params, micro, average, config.logits_chunk)
+                pc, pr, tokens, chosen_tokens = _pair_forward(model, params, micro, average, config.logits_chunk,
+                                                              token_stats=True)
                 per_pair = _dpo_family_loss(config, pc, pr, rc, rr)
-                return jnp.sum(per_pair * weights) / num_pairs, (pc, pr, tokens, per_pair)
+                return jnp.sum(per_pair * weights) / num_pairs, (pc, pr, tokens, chosen_tokens, per_pair)
 
-            grads, (pc, pr, tokens, per_pair) = jax.grad(summed_loss, has_aux=True)(params)
+            grads, (pc, pr, tokens, chosen_tokens, per_pair) = jax.grad(summed_loss, has_aux=True)(params)
             stats = losses.preference_metrics(pc, pr, rc, rr, config.beta)
-            stats.update(loss=per_pair, policy_chosen_logps=pc, policy_rejected_logps=pr)
+            stats["loss"] = per_pair
+            if config.uses_reference and not average:  # KL needs whole-sequence log-ratios
+                stats["kl"] = 0.5 * (losses.sampled_kl(pc, rc) + losses.sampled_kl(pr, rr))
+            stats["entropy"] = chosen_tokens["entropy"]  # token sums: _finalize_metrics divides by CHOSEN_TOKENS
+            stats["mean_token_accuracy"] = chosen_tokens["correct"]
             sums = _weighted_sums(stats, weights)
-            delta = stats["chosen_logratio"] - stats["rejected_logratio"]
+            delta = pc - pr if rc is None else (pc - rc) - (pr - rr)
             sums["max_abs_logratio_margin"] = jnp.max(jnp.where(weights > 0, jnp.abs(delta), -jnp.inf))
             sums["num_pairs"] = jnp.sum(weights)
             sums["num_completion_tokens"] = jnp.sum(tokens * weights)
+            sums[CHOSEN_TOKENS] = jnp.sum(chosen_tokens["tokens"] * weights)
+            sums["num_input_tokens"] = jnp.sum(_input_tokens(micro) * weights)
             return grads, sums
 
         grads, sums = _accumulate(micro_step, params, batch, config.num_micro_batches, mesh, rules)
@@ -464,9 +554,14 @@ def make_dpo_step(
     Returns `step(state, reference_params, batch)` for `config.reference == "model"` and
     `step(state, batch)` otherwise (precomputed reference log-probs, or SimPO). Inputs are placed on
     `mesh` by `in_shardings` (host arrays are sharded on the way in; device arrays must already carry
-    the shardings of `init_train_state` / `shard_batch`). Metrics are float32 scalars: loss, accuracy,
-    margins, chosen/rejected rewards, log-ratios, policy log-probs, max |Δ|, grad norm (before
-    clipping), learning rate, pair and completion-token counts.
+    the shardings of `init_train_state` / `shard_batch`). Metrics are float32 scalars under TRL's names:
+    `loss`, `rewards/{chosen,rejected,margins,accuracies}`, `logps/{chosen,rejected}` (means over real
+    pairs); `kl` (mean `losses.sampled_kl` over both responses; only with a reference and summed
+    log-probs); `entropy` and `mean_token_accuracy` (per-token means over the chosen completions, from the
+    step's own logits); `max_abs_logratio_margin` (max |Δ| over real pairs), `grad_norm` (before clipping),
+    `learning_rate`; counts `num_pairs`, `num_completion_tokens` (chosen + rejected),
+    `num_chosen_completion_tokens` and `num_input_tokens` (non-padding tokens, prompts included: the
+    step's share of TRL's cumulative `num_tokens`, which `mtjax.tracking` sums up).
     """
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
@@ -685,7 +780,9 @@ def make_reward_model_step(
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The jitted reward-model step `step(state, batch) -> (state, metrics)` with the Bradley-Terry loss.
 
-    Metrics: loss, accuracy, margins, chosen/rejected rewards, grad norm, learning rate, pair count.
+    Metrics under TRL RewardTrainer's names, split into chosen and rejected: `loss`, `accuracy`, `margin`,
+    `mean_reward/{chosen,rejected}` (means over real pairs), `min_reward/...` and `max_reward/...` (over
+    real pairs, exact under accumulation), `grad_norm`, `learning_rate`, `num_pairs`, `num_input_tokens`.
     """
     optimizer = make_optimizer(optimizer_config)
     schedule = learning_rate_schedule(optimizer_config)
@@ -709,7 +806,9 @@ def make_reward_model_step(
             stats = losses.reward_model_metrics(chosen, rejected)
             stats["loss"] = per_pair
             sums = _weighted_sums(stats, weights)
+            sums.update(_extremes({"reward/chosen": chosen, "reward/rejected": rejected}, weights))
             sums["num_pairs"] = jnp.sum(weights)
+            sums["num_input_tokens"] = jnp.sum(_input_tokens(micro) * weights)
             return grads, sums
 
         grads, sums = _accumulate(micro_step, state.params, batch, config.num_micro_batches, mesh, rules)

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+import tracking_files
 from conftest import tiny_config
 
 from mtjax import em
@@ -146,6 +147,18 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
     assert logged == {**{s: 1 for s in range(1, rm_steps)}, rm_steps: 2}
     logged = Counter(r["step"] for r in run.rd.metrics() if r.get("phase") == "iter_2/e_step" and "train" in r)
     assert logged == {s: 1 for s in range(1, dpo_steps + 1)}
+    # Tracking across the three processes: global steps continue, each (re)run writes its own event file,
+    # and together the event files hold every scalar of metrics.jsonl once, at its step.
+    rows = run.rd.metrics()
+    assert [r["global_step"] for r in rows] == list(range(1, len(rows) + 1))
+    files = tracking_files.event_files(run.rd.file("tensorboard"))
+    assert len(files) == 3
+    steps = [step for events in files for step in sorted({e[0] for e in events})]
+    assert steps == sorted(set(steps))  # strictly increasing from file to file: no step twice
+    events = {(step, tag): value for file in files for step, tag, value in file}
+    expected = tracking_files.jsonl_scalars(rows)
+    assert events.keys() == expected.keys()
+    assert all(tracking_files.same_float32(events[k], v) for k, v in expected.items())
 
 
 def test_an_interrupted_sampling_pass_resumes_with_the_next_piece(tmp_path, monkeypatch):

@@ -174,20 +174,51 @@ def test_preference_metrics_match_trl():
     metrics = losses.preference_metrics(pc, pr, rc, rr, beta)
     chosen_rewards = beta * (pc - rc)
     rejected_rewards = beta * (pr - rr)
-    np.testing.assert_allclose(metrics["chosen_rewards"], chosen_rewards, rtol=1e-6)
-    np.testing.assert_allclose(metrics["rejected_rewards"], rejected_rewards, rtol=1e-6)
-    np.testing.assert_allclose(metrics["margins"], chosen_rewards - rejected_rewards, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(metrics["accuracy"], (chosen_rewards > rejected_rewards).astype(np.float32))
+    np.testing.assert_allclose(metrics["rewards/chosen"], chosen_rewards, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/rejected"], rejected_rewards, rtol=1e-6)
+    np.testing.assert_allclose(metrics["rewards/margins"], chosen_rewards - rejected_rewards, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(metrics["rewards/accuracies"],
+                                  (chosen_rewards > rejected_rewards).astype(np.float32))
+    np.testing.assert_array_equal(metrics["logps/chosen"], pc)
+    np.testing.assert_array_equal(metrics["logps/rejected"], pr)
     reference_free = losses.preference_metrics(pc, pr, None, None, beta)
-    np.testing.assert_allclose(reference_free["chosen_rewards"], beta * pc, rtol=1e-6)
+    np.testing.assert_allclose(reference_free["rewards/chosen"], beta * pc, rtol=1e-6)
     with pytest.raises(ValueError, match="both"):
         losses.preference_metrics(pc, pr, rc, None, beta)
+
+
+def test_sampled_kl_is_the_k1_estimator_and_converges_to_the_true_kl():
+    """k1 = log π_ref(y) − log π(y) over samples of π_ref averages to KL(π_ref‖π) (two categoricals)."""
+    rng = np.random.default_rng(0)
+    p_ref = rng.dirichlet(np.ones(6))
+    p = rng.dirichlet(np.ones(6))
+    draws = rng.choice(6, size=200_000, p=p_ref)
+    estimate = np.asarray(losses.sampled_kl(np.log(p)[draws], np.log(p_ref)[draws]), np.float64).mean()
+    exact = float(np.sum(p_ref * np.log(p_ref / p)))
+    assert estimate == pytest.approx(exact, rel=0.02)
+    np.testing.assert_array_equal(losses.sampled_kl(jnp.array([-3.0, -1.0]), jnp.array([-2.0, -2.0])), [1.0, -1.0])
+
+
+def test_completion_token_stats_match_torch():
+    """Entropy and greedy accuracy summed over counted tokens, against torch.distributions on the same logits."""
+    logits, input_ids, loss_mask = _random_sequences(seed=5)
+    logits[0, 2, 4] = -np.inf  # a banned token: 0 · log 0 must count as 0, not NaN
+    labels, label_mask = losses.shift_for_next_token(jnp.asarray(input_ids), jnp.asarray(loss_mask))
+    labels = np.asarray(labels).copy()
+    labels[0, 1] = np.argmax(logits[0, 1])  # at least one correct greedy prediction, counted or not
+    stats = losses.completion_token_stats(jnp.asarray(logits), jnp.asarray(labels), label_mask)
+    mask = torch.tensor(np.asarray(label_mask))
+    entropy = torch.distributions.Categorical(logits=torch.tensor(logits, dtype=torch.float64)).entropy()
+    correct = (torch.tensor(logits).argmax(-1) == torch.tensor(labels)).double()
+    np.testing.assert_allclose(stats["entropy"], (entropy * mask).sum(-1).numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(stats["correct"], (correct * mask).sum(-1).numpy())
 
 
 def test_reward_model_metrics():
     metrics = losses.reward_model_metrics(jnp.array([1.0, 0.0, 2.0]), jnp.array([0.0, 0.0, 3.0]))
     np.testing.assert_array_equal(metrics["accuracy"], [1.0, 0.0, 0.0])
-    np.testing.assert_array_equal(metrics["margins"], [1.0, 0.0, -1.0])
+    np.testing.assert_array_equal(metrics["margin"], [1.0, 0.0, -1.0])
+    np.testing.assert_array_equal(metrics["mean_reward/chosen"], [1.0, 0.0, 2.0])
 
 
 # --- sequence log-probs ----------------------------------------------------------------------------

@@ -161,7 +161,8 @@ def test_policy_equal_to_reference_gives_zero_log_ratios_and_log_two(dpo_results
     _, metrics, _ = dpo_results[(1, 1, 1)]
     # Same code path and dtype for policy and reference; XLA fuses the forward inside the gradient
     # differently from the plain reference forward, so equality is to float32 rounding, not bitwise.
-    assert abs(metrics["chosen_logratio"]) < 1e-5 and abs(metrics["rejected_logratio"]) < 1e-5
+    assert abs(metrics["rewards/chosen"]) < 1e-6 and abs(metrics["rewards/rejected"]) < 1e-6  # β · log-ratio
+    assert abs(metrics["kl"]) < 1e-5
     assert metrics["max_abs_logratio_margin"] < 1e-5
     assert metrics["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
     assert metrics["num_pairs"] == NUM_PAIRS
@@ -172,7 +173,7 @@ def test_policy_equal_to_reference_gives_zero_log_ratios_and_log_two(dpo_results
 def test_dpo_step_is_independent_of_the_mesh(dpo_results, shape):
     base_params, base_metrics, _ = dpo_results[(1, 1, 1)]
     params, metrics, state = dpo_results[shape]
-    for name in ("loss", "grad_norm", "policy_chosen_logps", "policy_rejected_logps", "num_completion_tokens"):
+    for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "num_completion_tokens"):
         np.testing.assert_allclose(metrics[name], base_metrics[name], rtol=2e-6, err_msg=name)
     _assert_trees_close(params, base_params, atol=2e-7)
     # Params and Adam moments really are laid out by the rules (not silently replicated).
@@ -188,7 +189,7 @@ def test_gradient_accumulation_is_exact(policy, dpo_batch, dpo_results):
     step = train.make_dpo_step(model, train.DPOConfig(beta=0.1, num_micro_batches=4), OPTIMIZER, mesh)
     state, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), params, dpo_batch)
     # (accuracy and rewards are pure rounding noise here: policy == reference.)
-    for name in ("loss", "grad_norm", "policy_chosen_logps", "policy_rejected_logps", "num_pairs"):
+    for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected", "num_pairs"):
         np.testing.assert_allclose(metrics[name], base_metrics[name], rtol=2e-6, atol=1e-9, err_msg=name)
     _assert_trees_close(_host(state.params), base_params, atol=2e-7)
 
@@ -201,7 +202,7 @@ def test_remat_gives_the_same_step(policy, dpo_batch, dpo_results):
     mesh = sharding.make_mesh(1, 1, 1)
     step = train.make_dpo_step(model, train.DPOConfig(beta=0.1), OPTIMIZER, mesh)
     state, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), params, dpo_batch)
-    for name in ("loss", "grad_norm", "policy_chosen_logps", "policy_rejected_logps"):
+    for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(metrics[name], base_metrics[name], rtol=2e-6, err_msg=name)
     _assert_trees_close(_host(state.params), base_params, atol=2e-7)
 
@@ -213,7 +214,7 @@ def test_chunked_logits_give_the_same_step(policy, dpo_batch, dpo_results):
     mesh = sharding.make_mesh(2, 1, 2)
     step = train.make_dpo_step(model, train.DPOConfig(beta=0.1, logits_chunk=5), OPTIMIZER, mesh)
     state, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), params, dpo_batch)
-    for name in ("loss", "grad_norm", "policy_chosen_logps", "policy_rejected_logps"):
+    for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
         np.testing.assert_allclose(metrics[name], base_metrics[name], rtol=2e-6, err_msg=name)
     _assert_trees_close(_host(state.params), base_params, atol=2e-7)
     averaged = jax.jit(lambda p, b: train.pair_logprobs(model, p, b, average=True, logits_chunk=5))(params, dpo_batch)
@@ -234,7 +235,7 @@ def test_bf16_compute_keeps_float32_master_weights(policy, dpo_batch, dpo_result
     moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf) > 0]
     assert moments and {leaf.dtype for leaf in moments} == {np.dtype(np.float32)}
     assert metrics["loss"] == pytest.approx(math.log(2.0), abs=1e-2)  # policy == reference, bf16 noise
-    np.testing.assert_allclose(metrics["policy_chosen_logps"], base_metrics["policy_chosen_logps"], rtol=2e-2)
+    np.testing.assert_allclose(metrics["logps/chosen"], base_metrics["logps/chosen"], rtol=2e-2)
     np.testing.assert_allclose(metrics["grad_norm"], base_metrics["grad_norm"], rtol=0.1)
     delta = jax.tree.map(lambda new, old: np.asarray(new) - old, _host(state.params), params)
     base_delta = jax.tree.map(lambda new, old: new - old, base_params, params)
@@ -256,7 +257,7 @@ def test_padding_pairs_do_not_count(policy, dpo_batch, dpo_results):
     padded["reference_chosen_logps"], padded["reference_rejected_logps"] = map(np.asarray, reference)
     step = train.make_dpo_step(model, train.DPOConfig(beta=0.1, reference="precomputed"), OPTIMIZER, mesh)
     _, metrics = step(train.init_train_state(device_params, OPTIMIZER, mesh), padded)
-    for name in ("loss", "grad_norm", "policy_chosen_logps", "num_pairs"):
+    for name in ("loss", "grad_norm", "logps/chosen", "num_pairs"):
         np.testing.assert_allclose(metrics[name], base_metrics[name], rtol=2e-6, err_msg=name)
     # init_train_state copies: the step donated its state, yet the params it started from (still needed
     # as the reference / the next iteration's start) are alive and unchanged.
@@ -276,7 +277,128 @@ def test_simpo_step_is_reference_free_on_length_averaged_logprobs(policy, dpo_ba
     chosen, rejected, _ = jax.jit(lambda p, b: train.pair_logprobs(model, p, b, average=True))(params, dpo_batch)
     expected = np.mean(np.logaddexp(0.0, -(2.0 * (np.asarray(chosen) - np.asarray(rejected)) - 0.5)))
     np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
-    np.testing.assert_allclose(metrics["chosen_rewards"], 2.0 * np.mean(chosen), rtol=1e-5)
+    np.testing.assert_allclose(metrics["rewards/chosen"], 2.0 * np.mean(chosen), rtol=1e-5)
+
+
+# Weight-0 padding rows spread over the batch; with 4 micro-batches (rows m, m+4, ...) the last micro-batch
+# (rows 3, 7, 11, 15) holds padding only.
+PADDED_WEIGHTS = np.array([1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0], np.float32)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def _side_statistics(model, params, batch, side: str) -> dict[str, np.ndarray]:
+    """Per-row completion log-probs, entropy / greedy-correct sums and token counts in float64 numpy, from
+    one plain forward pass per side (no interleaving, no chunking, no accumulation)."""
+    ids, attention, loss = (np.asarray(batch[f"{side}_{k}"]) for k in ("input_ids", "attention_mask", "loss_mask"))
+    logits = np.asarray(model.apply({"params": params}, ids, attention_mask=attention), np.float64)[:, :-1]
+    targets, counted = ids[:, 1:], loss[:, 1:].astype(bool)
+    log_probs = _log_softmax(logits)
+    token_logps = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    entropy = -(np.exp(log_probs) * log_probs).sum(-1)
+    return {"logps": (token_logps * counted).sum(-1), "entropy": (entropy * counted).sum(-1),
+            "correct": ((logits.argmax(-1) == targets) * counted).sum(-1), "tokens": counted.sum(-1),
+            "input_tokens": attention.sum(-1)}
+
+
+def _greedy_in_even_rows(model, params, batch) -> np.ndarray:
+    """Chosen ids whose completions in even rows are the model's greedy continuation (so about half the
+    counted predictions are correct and token accuracy has something to measure)."""
+    ids, attention = batch["chosen_input_ids"].copy(), batch["chosen_attention_mask"]
+    forward = jax.jit(lambda ids: model.apply({"params": params}, ids, attention_mask=attention))
+    for t in range(PROMPT_LEN, SEQ_LEN):
+        greedy = np.asarray(forward(ids)).argmax(-1)[:, t - 1]
+        ids[0::2, t] = np.where(attention[0::2, t] > 0, greedy[0::2], ids[0::2, t])
+    return ids
+
+
+@pytest.mark.parametrize("num_micro_batches, logits_chunk, stats_chunk", [(1, None, 5), (4, 5, 128)])
+def test_dpo_metrics_match_an_independent_computation(policy, num_micro_batches, logits_chunk, stats_chunk,
+                                                      monkeypatch):
+    """TRL's DPO metrics, KL, entropy, token accuracy and token counts against numpy on the same batch:
+    exact under 4 micro-batches (one of them all padding), chunked logits, weight-0 rows, and token
+    statistics taken in pieces of 5 positions (16 = 5 + 5 + 5 + an overlapping last piece)."""
+    monkeypatch.setattr(train, "TOKEN_STATS_CHUNK", stats_chunk)
+    model, params = policy
+    reference_params = _init_params(model, seed=3)  # another model: nonzero log-ratios and rewards
+    batch = {k: np.concatenate([a, b]) for (k, a), b in zip(_dpo_batch(1).items(), _dpo_batch(7).values(),
+                                                            strict=True)}
+    batch["chosen_input_ids"] = _greedy_in_even_rows(model, params, batch)
+    batch["pair_weight"] = PADDED_WEIGHTS
+    mesh = sharding.make_mesh(2, 1, 1)
+    beta = 0.1
+    config = train.DPOConfig(beta=beta, num_micro_batches=num_micro_batches, logits_chunk=logits_chunk)
+    step = train.make_dpo_step(model, config, OPTIMIZER, mesh)
+    _, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), sharding.shard_params(reference_params, mesh),
+                      batch)
+    metrics = _host(metrics)
+
+    real = PADDED_WEIGHTS > 0
+    pol = {side: _side_statistics(model, params, batch, side) for side in ("chosen", "rejected")}
+    ref = {side: _side_statistics(model, reference_params, batch, side) for side in ("chosen", "rejected")}
+    chosen_rewards = beta * (pol["chosen"]["logps"] - ref["chosen"]["logps"])[real]
+    rejected_rewards = beta * (pol["rejected"]["logps"] - ref["rejected"]["logps"])[real]
+    assert 0 < np.mean(chosen_rewards > rejected_rewards) < 1  # a test with some signal in it
+    kl = 0.5 * sum(ref[side]["logps"] - pol[side]["logps"] for side in ("chosen", "rejected"))  # k1, per response
+    chosen_tokens = pol["chosen"]["tokens"][real].sum()
+    expected = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "rewards/accuracies": np.mean(chosen_rewards > rejected_rewards),
+        "logps/chosen": pol["chosen"]["logps"][real].mean(),
+        "logps/rejected": pol["rejected"]["logps"][real].mean(),
+        "kl": kl[real].mean(),
+        "entropy": pol["chosen"]["entropy"][real].sum() / chosen_tokens,
+        "mean_token_accuracy": pol["chosen"]["correct"][real].sum() / chosen_tokens,
+        "max_abs_logratio_margin": np.max(np.abs(chosen_rewards - rejected_rewards)) / beta,
+        "num_pairs": real.sum(),
+        "num_chosen_completion_tokens": chosen_tokens,
+        "num_completion_tokens": chosen_tokens + pol["rejected"]["tokens"][real].sum(),
+        "num_input_tokens": (pol["chosen"]["input_tokens"] + pol["rejected"]["input_tokens"])[real].sum(),
+    }
+    assert 0.2 < expected["mean_token_accuracy"] < 0.8
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_reward_model_metrics_match_an_independent_computation():
+    """Means over real pairs and min/max that never see a padding row, under 4 micro-batches (one all
+    padding) against numpy on the model's rewards."""
+    model = RewardModel(TINY)
+    params = _init_params(model, seed=1)
+    batch = {k: np.concatenate([a, b]) for (k, a), b in zip(_separable_preferences(0, 8).items(),
+                                                            _separable_preferences(1, 8).values(), strict=True)}
+    batch["pair_weight"] = PADDED_WEIGHTS
+    mesh = sharding.make_mesh(2, 1, 1)
+    step = train.make_reward_model_step(model, train.RewardConfig(num_micro_batches=4), OPTIMIZER, mesh)
+    _, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), batch)
+    chosen, rejected = (np.asarray(model.apply({"params": params}, batch[f"{side}_input_ids"],
+                                               attention_mask=batch[f"{side}_attention_mask"]), np.float64)
+                        for side in ("chosen", "rejected"))
+    real = PADDED_WEIGHTS > 0
+    sides = {"chosen": chosen, "rejected": rejected}
+    extremes = {f"{kind}_reward/{side}": fn(values[real]) for side, values in sides.items()
+                for kind, fn in (("min", np.min), ("max", np.max))}
+    everything = {f"{kind}_reward/{side}": fn(values) for side, values in sides.items()
+                  for kind, fn in (("min", np.min), ("max", np.max))}
+    assert extremes != everything  # a padding row holds an extreme: counting it would show
+    diff = chosen[real] - rejected[real] - batch["margin"][real]
+    expected = {
+        **extremes,
+        "mean_reward/chosen": chosen[real].mean(),
+        "mean_reward/rejected": rejected[real].mean(),
+        "margin": (chosen - rejected)[real].mean(),
+        "accuracy": np.mean(chosen[real] > rejected[real]),
+        "loss": np.mean(np.logaddexp(0.0, -diff)),
+        "num_pairs": real.sum(),
+        "num_input_tokens": (batch["chosen_attention_mask"] + batch["rejected_attention_mask"]).sum(-1)[real].sum(),
+    }
+    for name, value in expected.items():
+        np.testing.assert_allclose(metrics[name], value, rtol=2e-5, atol=1e-6, err_msg=name)
 
 
 def test_bad_dpo_config_is_rejected():
@@ -351,7 +473,7 @@ def test_reward_model_step_learns_a_separable_preference():
     assert first["accuracy"] < 0.8
     assert last["accuracy"] == 1.0
     assert last["loss"] < 0.5 * first["loss"]
-    assert last["margins"] > first["margins"]
+    assert last["margin"] > first["margin"]
     assert int(state.step) == optimizer_config.total_steps
 
     # The first step (2 micro-batches of 8 pairs on a 2x2x2 mesh) equals one batch of 16 on one device,
@@ -360,7 +482,7 @@ def test_reward_model_step_learns_a_separable_preference():
     single_step = train.make_reward_model_step(model, train.RewardConfig(), optimizer_config, single)
     batch = _separable_preferences(seed=0, num_pairs=16)
     state_one, metrics_one = single_step(train.init_train_state(params, optimizer_config, single), batch)
-    for name in ("loss", "grad_norm", "accuracy", "margins"):
+    for name in ("loss", "grad_norm", "accuracy", "margin"):
         np.testing.assert_allclose(first[name], metrics_one[name], rtol=2e-6, atol=1e-7, err_msg=name)
     _assert_trees_close(first_params, _host(state_one.params), atol=2e-7)
     chosen, rejected = train.pair_rewards(model, params, batch)
