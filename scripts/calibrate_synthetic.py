@@ -49,11 +49,11 @@ class Settings:
     top_p: float = 1.0
     max_new_tokens: int = 12
     sample_batch: int = 256
-    seq_len: int = 24  # every training batch is padded to this length (one compiled shape)
+    seq_len: int = 20  # every training batch is padded to this length (one compiled shape)
     # SFT (π0)
-    sft_lr: float = 1e-3
+    sft_lr: float = 3e-3
     sft_batch: int = 64
-    sft_epochs: int = 1
+    sft_epochs: int = 8
     # reward model (r0)
     rm_lr: float = 1e-4
     rm_batch: int = 32
@@ -217,7 +217,10 @@ def policy_summary(samples: Samples) -> dict[str, float]:
     distinct = np.mean([len(set(group)) / len(group) for group in samples.texts])
     coverage = np.mean([synthetic.coverage(p, t) for p, group in zip(samples.prompts, samples.texts, strict=True)
                         for t in group])
+    flat_gold = [x for g in samples.gold() for x in g]
     return {"gold_mean": float(gold.mean()), "gold_se": float(gold.std(ddof=1) / math.sqrt(len(gold))),
+            "corr_gold_length": float(np.corrcoef(flat_gold, [f["length"] for f in features])[0, 1]),
+            "corr_gold_decoys": float(np.corrcoef(flat_gold, [f["decoys"] for f in features])[0, 1]),
             "gold_sample_std": float(np.std([x for g in samples.gold() for x in g])),
             "distinct_fraction": float(distinct), "coverage": float(coverage),
             "length_mean": float(np.mean([f["length"] for f in features])),

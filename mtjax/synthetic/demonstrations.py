@@ -2,10 +2,11 @@
 
 Each demonstration comes from a demonstrator of random skill s ~ U(0, 1): it mentions each prompt item
 with a probability rising with s, keeps the prompt's order only with probability s, scatters distractor
-words (fewer as s rises) and ends with the decoy ``!`` with a probability rising with s. A policy
-trained on them is diverse and mediocre (room to improve), and in its samples the spurious features
-(length, the decoy) correlate with gold, as in human preference data where longer or more emphatic
-answers tend to be the better ones.
+words (fewer as s rises) and ends with the decoy ``!`` with a probability rising with the fraction of
+the prompt's items it mentioned. A policy trained on them is diverse and mediocre (room to improve), and
+in its samples the spurious features (length, the decoy) correlate with gold, as in human preference
+data where longer or more emphatic answers tend to be the better ones. The decoy depends on what the
+response itself contains (not on the hidden skill), so a policy can learn the correlation, and does.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ class DemonstratorConfig:
     keep_high: float = 0.9
     distractors_low: float = 2.0  # mean (Poisson) number of distractor words
     distractors_high: float = 0.8
-    decoy_low: float = 0.1  # P(end with the decoy)
-    decoy_high: float = 0.8
+    decoy_low: float = 0.1  # P(end with the decoy) with no prompt item mentioned ...
+    decoy_high: float = 0.8  # ... and with all of them (linear in the fraction mentioned)
     max_words: int = 10
 
     def __post_init__(self) -> None:
@@ -55,7 +56,8 @@ def demonstration(prompt: str, rng: np.random.Generator, config: DemonstratorCon
     for _ in range(rng.poisson(at_skill(config.distractors_low, config.distractors_high))):
         words.insert(int(rng.integers(0, len(words) + 1)), pool[int(rng.integers(len(pool)))])
     words = words[: config.max_words - 1]
-    if rng.uniform() < at_skill(config.decoy_low, config.decoy_high):
+    covered = len(set(words) & set(items)) / len(items)
+    if rng.uniform() < config.decoy_low + (config.decoy_high - config.decoy_low) * covered:
         words.append(DECOY)
     return " ".join(words)
 
