@@ -38,7 +38,7 @@ class Settings:
     # prompts
     sft_prompts: int = 2000
     demos_per_prompt: int = 2
-    label_prompts: int = 256  # the "human" budget: one gold-labelled pair of π0's samples per prompt
+    label_prompts: int = 2048  # the "human" budget: one gold-labelled pair of π0's samples per prompt
     policy_prompts: int = 256  # per DPO round
     eval_prompts: int = 256
     rounds: int = 3
@@ -55,11 +55,11 @@ class Settings:
     sft_batch: int = 64
     sft_epochs: int = 8
     # reward model (r0)
-    rm_lr: float = 1e-4
+    rm_lr: float = 1e-3
     rm_batch: int = 32
     rm_epochs: int = 4
     # DPO
-    dpo_lr: float = 1e-4
+    dpo_lr: float = 3e-4
     dpo_beta: float = 0.1
     dpo_batch: int = 32
     dpo_epochs: int = 2
@@ -88,9 +88,17 @@ def run_epochs(step: Callable, state: Any, arrays: dict[str, np.ndarray], batch_
     history = []
     for epoch in range(epochs):
         for batch in padded_batches(arrays, batch_size, seed + epoch, weight_key):
+            start = time.perf_counter()
             state, metrics = step(state, *extra, batch)
             history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
+            history[-1]["seconds"] = time.perf_counter() - start  # the first step includes compilation
     return state, history
+
+
+def step_seconds(history: Sequence[dict[str, float]]) -> dict[str, float]:
+    rest = [h["seconds"] for h in history[1:]]
+    return {"steps": len(history), "first_step_with_compile": history[0]["seconds"],
+            "step_mean": float(np.mean(rest)) if rest else float("nan")}
 
 
 def num_steps(num_rows: int, batch_size: int, epochs: int) -> int:
@@ -130,11 +138,16 @@ class Testbed:
         testbed = self
 
         class Timer:
+            """Wall seconds, and CPU seconds of this process (all threads): the latter barely depends on
+            what else the machine runs, so it extrapolates to an idle machine."""
+
             def __enter__(self):
-                self.start = time.perf_counter()
+                self.start, self.cpu = time.perf_counter(), time.process_time()
 
             def __exit__(self, *exc):
                 testbed.seconds[name] = testbed.seconds.get(name, 0.0) + time.perf_counter() - self.start
+                cpu_name = f"{name}_cpu"
+                testbed.seconds[cpu_name] = testbed.seconds.get(cpu_name, 0.0) + time.process_time() - self.cpu
 
         return Timer()
 
@@ -275,8 +288,8 @@ def calibrate(s: Settings) -> dict[str, Any]:
     else:
         with bed.timed("sft"):
             policy, pi0, history = bed.sft()
-        result["sft"] = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"], "steps": len(history),
-                         "parameters": synthetic.num_parameters(pi0)}
+        result["sft"] = {"first_loss": history[0]["loss"], "last_loss": history[-1]["loss"],
+                         "parameters": synthetic.num_parameters(pi0), **step_seconds(history)}
         if s.pi0_file:
             with open(s.pi0_file, "wb") as f:
                 f.write(flax.serialization.to_bytes(pi0))
@@ -296,6 +309,7 @@ def calibrate(s: Settings) -> dict[str, Any]:
     with bed.timed("score_eval"):
         result["r0"] = {"label_pairs": num_pairs, "train_first_loss": history[0]["loss"],
                         "train_last_loss": history[-1]["loss"], "train_last_accuracy": history[-1]["accuracy"],
+                        **step_seconds(history),
                         "on_pi0": rm_accuracy(bed.score(rm, r0, eval0), eval0)}
     print("r0", json.dumps(result["r0"]), flush=True)
 
@@ -312,6 +326,7 @@ def calibrate(s: Settings) -> dict[str, Any]:
                 evaluated = bed.sample(policy, params, bed.eval_prompts, s.eval_samples, seed=s.seed + 100)
             with bed.timed("score_eval"):
                 row = {"round": t, "pairs": num_pairs, "dpo_last_loss": history[-1]["loss"],
+                       "dpo_steps": step_seconds(history),
                        "dpo_last_accuracy": history[-1]["accuracy"], **policy_summary(evaluated),
                        **paired_gain(evaluated, eval0),
                        "r0_on_pi_t": rm_accuracy(bed.score(rm, r0, evaluated), evaluated)}
