@@ -718,6 +718,13 @@ def make_reward_model_step(
         state, update_metrics = _apply_update(state, grads, optimizer, schedule)
         return state, {**_finalize_metrics(sums, num_pairs), **update_metrics}
 
+    return _jit_state_batch_step(step, model, optimizer_config, mesh, rules, donate_state)
+
+
+def _jit_state_batch_step(step: Callable, model: nn.Module, optimizer_config: OptimizerConfig, mesh: Mesh,
+                          rules: PartitionRules, donate_state: bool) -> Callable:
+    """`jax.jit` of a `step(state, batch)`: state laid out by the partition rules, batch split over the
+    batch axes, metrics replicated; the state is donated unless `donate_state=False`."""
     state_shardings = train_state_shardings(model, optimizer_config, mesh, rules)
     return jax.jit(
         step,
@@ -819,10 +826,4 @@ def make_sft_step(
         state, update_metrics = _apply_update(state, grads, optimizer, schedule)
         return state, {**metrics, **update_metrics}
 
-    state_shardings = train_state_shardings(model, optimizer_config, mesh, rules)
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, batch_sharding(mesh)),
-        out_shardings=(state_shardings, replicated(mesh)),
-        donate_argnums=(0,) if donate_state else (),
-    )
+    return _jit_state_batch_step(step, model, optimizer_config, mesh, rules, donate_state)
