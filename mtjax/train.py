@@ -18,6 +18,8 @@ Batch layout (dicts of arrays, leading dim = pairs; chosen and rejected may have
   ``rejected_attention_mask``, optionally ``margin``.
 * Both: optional ``pair_weight`` (1 real pair, 0 padding row), so a short last batch is padded, not
   dropped, and still averages over its real pairs only.
+* SFT (`make_sft_step`, rows are single sequences): ``input_ids``, ``attention_mask``, ``loss_mask`` (as
+  `mtjax.data.collate` builds them) and optional ``sequence_weight`` (1 real row, 0 padding row).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ DPO_BATCH_KEYS = (
 )
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
 REWARD_BATCH_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
+SFT_BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
+SFT_NORMALIZATIONS = ("token", "sequence")
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -237,11 +241,12 @@ def _split_micro_batches(batch: Batch, num_micro_batches: int, mesh: Mesh) -> di
     return out
 
 
-def _check_micro_batch_size(batch: Batch, num_micro_batches: int, mesh: Mesh) -> None:
-    num_pairs = batch["chosen_input_ids"].shape[0]
-    if num_pairs % num_micro_batches or (num_pairs // num_micro_batches) % batch_divisor(mesh):
+def _check_micro_batch_size(batch: Batch, num_micro_batches: int, mesh: Mesh, rows: str = "chosen_input_ids",
+                            unit: str = "pairs") -> None:
+    num_rows = batch[rows].shape[0]
+    if num_rows % num_micro_batches or (num_rows // num_micro_batches) % batch_divisor(mesh):
         raise ValueError(
-            f"{num_pairs} pairs in {num_micro_batches} micro-batches: each micro-batch must be a whole multiple "
+            f"{num_rows} {unit} in {num_micro_batches} micro-batches: each micro-batch must be a whole multiple "
             f"of the data*fsdp mesh size {batch_divisor(mesh)}"
         )
 
@@ -408,6 +413,30 @@ def _pair_forward(model: nn.Module, params: Any, batch: Batch, average: bool, lo
     input_ids = _interleave_pairs(batch["chosen_input_ids"], batch["rejected_input_ids"])
     attention_mask = _interleave_pairs(batch["chosen_attention_mask"], batch["rejected_attention_mask"])
     loss_mask = _interleave_pairs(batch["chosen_loss_mask"], batch["rejected_loss_mask"])
+    logps, tokens, stats = completion_logprobs(model, params, input_ids, attention_mask, loss_mask, average,
+                                               logits_chunk, token_stats)
+    chosen, rejected = _split_pairs(logps)
+    return chosen, rejected, tokens.reshape(-1, 2).sum(-1), stats
+
+
+def completion_logprobs(
+    model: nn.Module,
+    params: Any,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    loss_mask: jax.Array,
+    average: bool = False,
+    logits_chunk: int | None = None,
+    token_stats: bool = False,
+) -> tuple[jax.Array, jax.Array, Metrics | None]:
+    """Log-prob of each row's completion tokens `[B]` (summed, or length-averaged with `average`), the
+    number of completion tokens counted per row `[B]`, and with `token_stats` the even rows' (a pair batch's
+    chosen responses') `losses.completion_token_stats` from the same logits: the forward pass shared by DPO
+    and SFT.
+
+    `loss_mask` is 1 on the completion tokens (EOS included); each is predicted from the position before
+    it. `logits_chunk`: see `pair_logprobs`.
+    """
     labels, label_mask = losses.shift_for_next_token(input_ids, loss_mask)
     if logits_chunk is None or logits_chunk >= input_ids.shape[1]:
         logits = model.apply({"params": params}, input_ids, attention_mask=attention_mask)
@@ -416,9 +445,7 @@ def _pair_forward(model: nn.Module, params: Any, batch: Batch, average: bool, lo
     else:
         logps, stats = _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels, label_mask,
                                                   average, logits_chunk, token_stats)
-    chosen, rejected = _split_pairs(logps)
-    tokens = jnp.sum(label_mask, axis=-1).reshape(-1, 2).sum(-1)
-    return chosen, rejected, tokens, stats
+    return logps, jnp.sum(label_mask, axis=-1), stats
 
 
 # Positions per reduction of the chosen-token statistics: a softmax over the vocabulary taken over all
@@ -815,6 +842,13 @@ def make_reward_model_step(
         state, update_metrics = _apply_update(state, grads, optimizer, schedule)
         return state, {**_finalize_metrics(sums, num_pairs), **update_metrics}
 
+    return _jit_state_batch_step(step, model, optimizer_config, mesh, rules, donate_state)
+
+
+def _jit_state_batch_step(step: Callable, model: nn.Module, optimizer_config: OptimizerConfig, mesh: Mesh,
+                          rules: PartitionRules, donate_state: bool) -> Callable:
+    """`jax.jit` of a `step(state, batch)`: state laid out by the partition rules, batch split over the
+    batch axes, metrics replicated; the state is donated unless `donate_state=False`."""
     state_shardings = train_state_shardings(model, optimizer_config, mesh, rules)
     return jax.jit(
         step,
@@ -822,3 +856,98 @@ def make_reward_model_step(
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,) if donate_state else (),
     )
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Next-token cross-entropy on the response tokens only (prompt and padding masked, EOS kept).
+
+    `normalization="token"` (default) divides the summed negative log-likelihood of the global batch by
+    its number of response tokens, as transformers' Trainer and TRL's SFTTrainer do: every token weighs
+    the same, so long responses weigh more. `"sequence"` averages each row's per-token NLL first and then
+    the rows: every example weighs the same. Either denominator is counted over the whole batch before
+    it is split into micro-batches, so accumulation is exact (unlike averaging per-micro-batch means).
+    """
+
+    normalization: str = "token"
+    num_micro_batches: int = 1
+    logits_chunk: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in SFT_NORMALIZATIONS:
+            raise ValueError(f"SFTConfig.normalization={self.normalization!r}; expected one of {SFT_NORMALIZATIONS}")
+        if self.num_micro_batches < 1:
+            raise ValueError(f"SFTConfig.num_micro_batches must be >= 1, got {self.num_micro_batches}")
+        if self.logits_chunk is not None and self.logits_chunk < 1:
+            raise ValueError(f"SFTConfig.logits_chunk must be None or >= 1, got {self.logits_chunk}")
+
+
+def _sft_loss_and_grads(model: nn.Module, config: SFTConfig, mesh: Mesh, rules: PartitionRules) -> Callable:
+    """`(params, batch) -> (grads, metrics)` of the SFT loss, exact under accumulation (see SFTConfig)."""
+    per_token = config.normalization == "token"
+
+    def loss_and_grads(params, batch):
+        num_rows = batch["input_ids"].shape[0]
+        weights_all = batch.get("sequence_weight", jnp.ones((num_rows,), jnp.float32)).astype(jnp.float32)
+        # Response tokens that are predicted (each from the position before it), per row.
+        tokens_all = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32), axis=-1)
+        num_tokens = jnp.maximum(jnp.sum(weights_all * tokens_all), 1.0)
+        num_sequences = jnp.maximum(jnp.sum(jnp.where(tokens_all > 0, weights_all, 0.0)), 1.0)
+        denominator = num_tokens if per_token else num_sequences
+        batch = {**batch, "sequence_weight": weights_all}
+
+        def micro_step(params, micro):
+            weights = micro["sequence_weight"]
+
+            def summed_loss(params):
+                logps, tokens, _ = completion_logprobs(model, params, micro["input_ids"], micro["attention_mask"],
+                                                       micro["loss_mask"], average=False,
+                                                       logits_chunk=config.logits_chunk)
+                per_row = -logps if per_token else -logps / jnp.maximum(tokens, 1.0)
+                return jnp.sum(per_row * weights) / denominator, (logps, tokens)
+
+            grads, (logps, tokens) = jax.grad(summed_loss, has_aux=True)(params)
+            sums = _weighted_sums({"summed_nll": -logps, "sequence_nll": -logps / jnp.maximum(tokens, 1.0),
+                                   "completion_tokens": tokens}, weights)
+            sums["num_sequences"] = jnp.sum(jnp.where(tokens > 0, weights, 0.0))
+            sums["num_tokens"] = jnp.sum(tokens * weights)
+            return grads, sums
+
+        grads, sums = _accumulate(micro_step, params, batch, config.num_micro_batches, mesh, rules)
+        token_nll = sums.pop("summed_nll") / num_tokens
+        metrics = {**_finalize_metrics(sums, num_sequences), "token_nll": token_nll}
+        metrics["loss"] = token_nll if per_token else metrics["sequence_nll"]
+        return grads, metrics
+
+    return loss_and_grads
+
+
+def make_sft_step(
+    model: nn.Module,
+    config: SFTConfig,
+    optimizer_config: OptimizerConfig,
+    mesh: Mesh,
+    rules: PartitionRules = LLAMA_PARTITION_RULES,
+    donate_state: bool = True,
+) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The jitted supervised step `step(state, batch) -> (state, metrics)` for a causal LM.
+
+    Metrics: loss (by `config.normalization`), token_nll (NLL per response token) and sequence_nll (mean
+    over rows of the per-token NLL) whatever the normalisation, completion_tokens (mean per row),
+    num_sequences, num_tokens, grad norm (before clipping), learning rate.
+    """
+    optimizer = make_optimizer(optimizer_config)
+    schedule = learning_rate_schedule(optimizer_config)
+    loss_and_grads = _sft_loss_and_grads(model, config, mesh, rules)
+
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        _check_keys(batch, SFT_BATCH_KEYS, "SFT")
+        _check_micro_batch_size(batch, config.num_micro_batches, mesh, rows="input_ids", unit="sequences")
+        grads, metrics = loss_and_grads(state.params, batch)
+        state, update_metrics = _apply_update(state, grads, optimizer, schedule)
+        return state, {**metrics, **update_metrics}
+
+    return _jit_state_batch_step(step, model, optimizer_config, mesh, rules, donate_state)
