@@ -31,9 +31,11 @@ def get_config(preset: str = "") -> ConfigDict:
     cfg.seed = 0
     cfg.iterations = 2
     # dtype: compute dtype; param_dtype: master weights (keep float32 when training in bfloat16).
-    cfg.policy = ConfigDict(dict(source="smollm2", dtype="float32", param_dtype="float32", remat=False))
-    cfg.reward_model = ConfigDict(dict(source="smollm2", dtype="float32", param_dtype="float32", remat=False,
-                                       head_seed=0))
+    # attention_impl: auto (cuDNN on a GPU in bf16/fp16, else einsum) | einsum | xla | cudnn;
+    # scan_layers: decoder layers as one nn.scan (compile time flat in depth; needed for remat to save memory).
+    model = dict(dtype="float32", param_dtype="float32", remat=False, attention_impl="auto", scan_layers=False)
+    cfg.policy = ConfigDict(dict(source="smollm2", **model))
+    cfg.reward_model = ConfigDict(dict(source="smollm2", **model, head_seed=0))
     # source: 'testbed' (generated verifiable-instruction prompts) or a prompt set for D_1..D_T and D_R
     # (local .jsonl/.parquet, a save_to_disk folder, or a hub id read with `split` / `column`); the
     # held-out evaluation and the base-RM label split always come from the testbed.
@@ -81,6 +83,7 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.mesh.data = 1
     elif preset == "gpu":
         cfg.policy.dtype = cfg.reward_model.dtype = "bfloat16"
+        cfg.policy.scan_layers = cfg.reward_model.scan_layers = True
         cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300)
         cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256)
         cfg.mt.drop_truncated = True
@@ -96,6 +99,7 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.sampling.update(num_samples=5, temperature=0.8, top_p=0.95, max_new_tokens=1024, batch_size=512)
         cfg.mt.drop_truncated = True
         cfg.policy.remat = cfg.reward_model.remat = True
+        cfg.policy.scan_layers = cfg.reward_model.scan_layers = True
         # Global batches as in the paper, accumulated exactly over micro-batches of 1 pair per device
         # on 8 devices (`python -m mtjax.plan --config=configs/mt.py:paper` shows the memory).
         cfg.dpo = _train(lr=7e-7, batch=128, max_length=2048)

@@ -82,8 +82,10 @@ def load_models(cfg: ConfigDict, mesh=None) -> Models:
     from mtjax.sharding import shard_params
 
     def load(section: ConfigDict, head: str, seed: int):
-        # Compute in `dtype`, keep float32 master weights (`param_dtype`), optional remat per block.
-        options = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat)
+        # Compute in `dtype`, keep float32 master weights (`param_dtype`), optional remat per block; attention
+        # implementation and layer scan as ModelConfig fields.
+        options = dict(dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat,
+                       attention_impl=section.attention_impl, scan_layers=section.scan_layers)
         if section.source == "smollm2":
             return load_smollm2(head=head, seed=seed, **options)
         tokenizer = load_gguf_tokenizer(smollm2_gguf_path())
