@@ -87,9 +87,13 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300)
         cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256)
         cfg.mt.drop_truncated = True
-        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1)
-        cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
-        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
+        # 4 micro-batches of 16 pairs: 64 pairs at once need ~160 GiB (python -m mtjax.plan --config=configs/mt.py:gpu)
+        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1,
+                       num_micro_batches=4)
+        cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1,
+                      num_micro_batches=4)
+        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1,
+                           num_micro_batches=4)
         cfg.eval.num_samples = 4
     elif preset == "paper":
         cfg.policy.update(source="meta-llama/Meta-Llama-3-8B-Instruct", dtype="bfloat16")

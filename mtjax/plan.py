@@ -189,7 +189,7 @@ def format_plan(result: dict[str, dict[str, float]], device_gib: float | None) -
     for phase, items in result.items():
         lines.append(f"{phase}")
         for name, value in items.items():
-            lines.append(f"  {name:<32}{value / GIB:10.2f} GiB")
+            lines.append(f"  {name:<38}{value / GIB:10.2f} GiB")
     peak_phase = max(result, key=lambda p: result[p]["total"])
     peak = result[peak_phase]["total"] / GIB
     lines.append(f"peak: {peak:.2f} GiB per device ({peak_phase})")

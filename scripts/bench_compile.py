@@ -4,7 +4,8 @@ Times `jax.jit(fn).lower(...)` (tracing) and `.compile()` (XLA) of a jitted prog
 DPO train step (policy forward/backward + reference forward + AdamW) and the reward-model forward that
 scoring runs — with each setting in a fresh process, so no cache is shared between them.
 
-    python scripts/bench_compile.py --layers 32 --json docs/bench/compile_cpu.json --md docs/bench/compile_cpu.md
+    python scripts/bench_compile.py --layers 4,32 --remat off,on --json docs/bench/compile_cpu.json \
+        --md docs/bench/compile_cpu.md
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def measure(program: str, layers: int, scan: bool, remat: bool, pairs: int, seq_
     hlo_bytes = len(compiled.as_text() or "")
     return dict(program=program, layers=layers, scan_layers=scan, remat=remat, pairs=pairs, seq_len=seq_len,
                 lower_s=round(lower_s, 3), compile_s=round(compile_s, 3), total_s=round(lower_s + compile_s, 3),
+                lower_cpu_s=round(lower_cpu_s, 3), compile_cpu_s=round(compile_cpu_s, 3),
                 cpu_s=round(lower_cpu_s + compile_cpu_s, 3),
                 optimized_hlo_chars=hlo_bytes, backend=jax.default_backend(), jax=jax.__version__,
                 shape=SHAPE)
@@ -78,9 +80,9 @@ def _in_subprocess(**kwargs) -> dict:
 def format_table(rows: list[dict]) -> str:
     lines = ["| program | layers | remat | scan_layers | lower s | compile s | total s | scan / unrolled | "
              "CPU s | scan / unrolled (CPU s) |", "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-    unrolled = {(r["program"], r["remat"]): r for r in rows if not r["scan_layers"]}
+    unrolled = {(r["program"], r["remat"], r["layers"]): r for r in rows if not r["scan_layers"]}
     for r in rows:
-        base = unrolled.get((r["program"], r["remat"])) if r["scan_layers"] else None
+        base = unrolled.get((r["program"], r["remat"], r["layers"])) if r["scan_layers"] else None
         wall = f"{r['total_s'] / base['total_s']:.2f}" if base else ""
         cpu = f"{r['cpu_s'] / base['cpu_s']:.2f}" if base else ""
         lines.append(f"| {r['program']} | {r['layers']} | {r['remat']} | {r['scan_layers']} | {r['lower_s']:.2f} | "
@@ -90,7 +92,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--layers", default="32", help="comma list of depths, e.g. 4,32")
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--programs", default=",".join(PROGRAMS))
@@ -99,13 +101,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--md", default=None)
     args = parser.parse_args(argv)
     rows = []
+    depths = [int(x) for x in args.layers.split(",")]
     for program in args.programs.split(","):
         for remat in args.remat.split(","):
-            for scan in (False, True):
-                row = _in_subprocess(program=program, layers=args.layers, scan=scan, remat=remat == "on",
-                                     pairs=args.pairs, seq_len=args.seq_len)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+            for layers in depths:
+                for scan in (False, True):
+                    row = _in_subprocess(program=program, layers=layers, scan=scan, remat=remat == "on",
+                                         pairs=args.pairs, seq_len=args.seq_len)
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     table = format_table(rows)
     print(table)
     meta = dict(command="python scripts/bench_compile.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -115,10 +119,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.md:
         Path(args.md).write_text(
             f"# Compile time vs depth ({rows[0]['backend']}, jax {rows[0]['jax']})\n\n"
-            f"`{meta['command']}`: a {args.layers}-layer Llama of reduced width ({SHAPE}), "
+            f"`{meta['command']}`: Llamas of {args.layers} layers at reduced width ({SHAPE}), "
             f"{args.pairs} pairs x {args.seq_len} tokens, each setting in a fresh process; lower = tracing to "
-            f"StableHLO, compile = XLA. {meta['cpu_count']} CPU cores, load average at the end "
-            f"{tuple(round(x, 2) for x in meta['loadavg_end'])}.\n\n{table}\n")
+            f"StableHLO, compile = XLA; CPU s = the process's CPU time for both (all threads), the figure to read "
+            f"on a shared machine, where wall time mostly measures waiting. {meta['cpu_count']} CPU cores, load "
+            f"average at the end {tuple(round(x, 2) for x in meta['loadavg_end'])}.\n\n{table}\n")
     return rows
 
 

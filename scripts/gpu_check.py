@@ -358,6 +358,29 @@ def section_parity(ctx: Context) -> dict:
                      "vs_torch_fp32": _logit_error(logits, reference["float32"], mask)}
         # bf16 noise: mtjax bf16 is as close to the float32 reference as transformers' bf16 is (within 2x)
         out[impl]["ok"] = out[impl]["vs_torch_fp32"]["max_abs"] <= 2 * out["torch_bf16_vs_fp32"]["max_abs"]
+    out["sliding_window"] = _window_parity(ctx, ids, mask)
+    return out
+
+
+def _window_parity(ctx: Context, ids: np.ndarray, mask: np.ndarray) -> dict:
+    """Mistral's sliding window (shorter than the rows) through each fused implementation against the einsum
+    path, in float32 (where the implementations agree to rounding) on a small random 4-layer model."""
+    cfg = ModelConfig(vocab_size=model_config(ctx.sizes).vocab_size, hidden_size=256, intermediate_size=512,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, sliding_window=ids.shape[1] // 4,
+                      model_type="mistral", scan_layers=True, attention_impl="einsum")
+    model = make_model(cfg, "causal_lm")
+    params = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        logits = {}
+        for impl in ctx.sizes.impls:
+            if impl == "cudnn" and (not ctx.on_gpu or dtype == "float32"):
+                continue  # cuDNN's flash kernel takes bf16/fp16 only
+            variant = make_model(cfg.replace(attention_impl=impl, dtype=dtype), "causal_lm")
+            logits[impl] = np.asarray(jax.jit(variant.apply)({"params": params}, jnp.asarray(ids),
+                                                              attention_mask=jnp.asarray(mask)))
+        out[dtype] = {impl: _logit_error(value, logits["einsum"], mask) for impl, value in logits.items()
+                      if impl != "einsum"}
     return out
 
 
@@ -533,6 +556,10 @@ def markdown(results: dict, sizes: Sizes, smoke: bool) -> str:
             rows.append(("parity", f"{impl}: max abs logit error vs fp32 torch (top-1 agreement "
                          f"{par[impl]['vs_torch_fp32']['top1_agreement']:.3f})", _fmt(got), f"torch bf16: {_fmt(ref)}",
                          "<= 2x torch bf16", "met" if par[impl]["ok"] else "not met"))
+    for dtype, errors in (par.get("sliding_window") or {}).items():
+        for impl, err in errors.items():
+            rows.append(("parity", f"sliding window, {dtype}, {impl} vs einsum: max abs logit diff",
+                         _fmt(err["max_abs"]), f"logit std {_fmt(err['ref_std'])}", "", ""))
     torch_train = results.get("torch_train", {})
     for objective in ("dpo", "rm"):
         t = torch_train.get(objective, {})

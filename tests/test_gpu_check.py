@@ -38,6 +38,8 @@ def test_smoke_run_measures_every_section(smoke):
     for impl in ("xla", "einsum"):  # bf16 logits as close to fp32 transformers as bf16 transformers is
         assert results["parity"][impl]["ok"], results["parity"][impl]
         assert results["parity"][impl]["vs_torch_fp32"]["top1_agreement"] > 0.9
+    window = results["parity"]["sliding_window"]["float32"]["xla"]  # fused call with local_window_size
+    assert window["max_abs"] <= 1e-4 * max(1.0, window["ref_std"]) and window["top1_agreement"] == 1.0
     sampler = results["sampler_4"]
     assert sampler["tokens_per_s"] > 0 and sampler["vs_hf"] > 0 and sampler["bound_step_s"] > 0
     assert set(results["torch_reference"]["generate"]) == {"4", "2"}
