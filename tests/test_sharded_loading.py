@@ -108,11 +108,8 @@ def test_sharded_params_equal_eager_and_follow_the_rules(loaded, mesh, case):
     assert len(split) >= 7 * model.cfg.num_layers + 1  # every kernel and the embedding
 
 
-def test_scanned_layers_stream_stacked_shards(checkpoints, loaded, mesh, monkeypatch):
-    """`scan_layers`: each stacked param is built from the same slice of every layer's tensor; values equal
-    the eager per-layer load, the layer axis is never sharded, and the forward pass matches transformers."""
-    path, hf_model = checkpoints["mistral"]
-    base, eager, _ = loaded["mistral"]
+def _record_reads(monkeypatch) -> list[tuple[str, int]]:
+    """Makes the streaming loader's only read (`hf._read_slice`) record `(tensor name, elements read)`."""
     reads: list[tuple[str, int]] = []
     real = hf._read_slice
 
@@ -122,6 +119,15 @@ def test_scanned_layers_stream_stacked_shards(checkpoints, loaded, mesh, monkeyp
         return block
 
     monkeypatch.setattr(hf, "_read_slice", recording)
+    return reads
+
+
+def test_scanned_layers_stream_stacked_shards(checkpoints, loaded, mesh, monkeypatch):
+    """`scan_layers`: each stacked param is built from the same slice of every layer's tensor; values equal
+    the eager per-layer load, the layer axis is never sharded, and the forward pass matches transformers."""
+    path, hf_model = checkpoints["mistral"]
+    base, eager, _ = loaded["mistral"]
+    reads = _record_reads(monkeypatch)
     model, streamed = load_hf(path, mesh=mesh, scan_layers=True)
     layers = model.cfg.num_layers
     _assert_same_params(streamed, traverse_util.unflatten_dict(hf.stack_layers(_flat(eager), layers), sep="/"), mesh)
@@ -155,15 +161,7 @@ def test_sharded_forward_matches_transformers(checkpoints, loaded, case):
 
 def test_streaming_reads_only_shard_slices(checkpoints, mesh, monkeypatch):
     path, _ = checkpoints["llama_index"]
-    reads: list[tuple[str, int]] = []
-    real = hf._read_slice
-
-    def recording(handle, name, index):
-        block = real(handle, name, index)
-        reads.append((name, block.size))
-        return block
-
-    monkeypatch.setattr(hf, "_read_slice", recording)
+    reads = _record_reads(monkeypatch)
     model, streamed = load_hf(path, mesh=mesh)
     flat = _flat(streamed)
     hf_names = {hf.hf_to_flax_name(name): name for name, _ in reads}
