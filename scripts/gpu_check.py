@@ -3,12 +3,14 @@
     python scripts/gpu_check.py --out-dir docs/bench                 # on the GPU (docs/bench/gpu_check.md)
     python scripts/gpu_check.py --smoke --out-dir /tmp/gpu_check     # the same code on CPU at tiny shapes
 
-Sections run in order of priority; each is time-boxed, records its error and lets the rest run, and the
-JSON and markdown are rewritten after every section (a killed run keeps what it finished):
+Sections run in order of priority; each is time-boxed (3x its expected time at most), keeps what it
+measured and records its error if it fails, and lets the rest run; the JSON and markdown are rewritten
+after every section (a killed run keeps what it finished):
 
 * ``device``            — devices, versions, device-to-device copy bandwidth, bf16 matmul rate;
-* ``torch_reference``   — transformers + PyTorch on a Llama-3.2-1B-shaped random model: bf16 and fp32
-                          logits of a padded batch, ``generate`` (static cache) at batch 64/128/256;
+* ``torch_logits``      — transformers + PyTorch on a Llama-3.2-1B-shaped random model: bf16 and fp32
+                          logits of a padded batch;
+* ``torch_generate``    — ``transformers.generate`` (static cache) at batch 128/64/256;
 * ``torch_train``       — the DPO and RM steps in PyTorch (sdpa attention, bf16 autocast);
 * ``train_dpo_cudnn`` … — the mtjax DPO / RM steps per attention implementation: step time, tokens/s,
                           MFU, first-step (compile) time, XLA's memory analysis, the planner's figure and,
@@ -103,6 +105,7 @@ class Context:
     sizes: Sizes
     results: dict[str, Any]
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)
+    partial: dict[str, Any] = dataclasses.field(default_factory=dict)  # the running section's figures so far
 
     @property
     def on_gpu(self) -> bool:
@@ -226,23 +229,33 @@ def section_device(ctx: Context) -> dict:
                 matmul_tflops=2 * sizes.matmul_size**3 / mm / 1e12)
 
 
-def section_torch_reference(ctx: Context) -> dict:
-    """transformers' logits (bf16 and fp32) of the parity batch and its `generate` throughput."""
+def section_torch_logits(ctx: Context) -> dict:
+    """transformers' logits (fp32 and bf16) of the parity batch on the shared weights."""
     import torch
 
-    sizes = ctx.sizes
-    ids, mask = padded_parity_batch(sizes, model_config(sizes).vocab_size)
+    ids, mask = padded_parity_batch(ctx.sizes, model_config(ctx.sizes).vocab_size)
     logits = {}
-    for dtype in ("float32", "bfloat16"):  # the bf16 model stays for generate
+    for dtype in ("float32", "bfloat16"):
         model, device = torch_model(ctx, dtype)
         with torch.inference_mode():
             out = model(input_ids=torch.as_tensor(ids, device=device),
                         attention_mask=torch.as_tensor(mask, device=device)).logits
         logits[dtype] = out.float().cpu().numpy()
+        del model, out
     ctx.shared["torch_logits"] = logits
-    generate = {}
+    return dict(torch_bf16_vs_fp32=_logit_error(logits["bfloat16"], logits["float32"], mask))
+
+
+def section_torch_generate(ctx: Context) -> dict:
+    """`transformers.generate` with a static cache (which transformers compiles on a GPU by itself): tokens/s
+    per batch size, each recorded as soon as it is measured."""
+    import torch
+
+    sizes = ctx.sizes
+    model, device = torch_model(ctx, "bfloat16")
     rng = np.random.default_rng(1)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    generate = ctx.partial.setdefault("generate", {})
     for batch in sizes.sampler_batches:
         prompts = torch.as_tensor(rng.integers(3, model.config.vocab_size, (batch, sizes.prompt_len)), device=device)
 
@@ -257,9 +270,7 @@ def section_torch_reference(ctx: Context) -> dict:
         first, _ = _timed(lambda: run(sizes.new_tokens))
         wall, _ = _timed(lambda: run(sizes.new_tokens))
         generate[str(batch)] = dict(first_call_s=first, wall_s=wall, tokens_per_s=batch * sizes.new_tokens / wall)
-    fp32_vs_bf16 = _logit_error(logits["bfloat16"], logits["float32"], mask)
-    return dict(generate=generate, torch_bf16_vs_fp32=fp32_vs_bf16, prompt_len=sizes.prompt_len,
-                new_tokens=sizes.new_tokens)
+    return dict(generate=generate, prompt_len=sizes.prompt_len, new_tokens=sizes.new_tokens)
 
 
 def _logit_error(ours: np.ndarray, ref: np.ndarray, mask: np.ndarray) -> dict:
@@ -345,7 +356,7 @@ def section_train(ctx: Context, objective: str, impl: str) -> dict:
 def section_parity(ctx: Context) -> dict:
     reference = ctx.shared.get("torch_logits")
     if reference is None:
-        return dict(skipped="needs the torch_reference section")
+        return dict(skipped="needs the torch_logits section")
     ids, mask = padded_parity_batch(ctx.sizes, model_config(ctx.sizes).vocab_size)
     out = {"torch_bf16_vs_fp32": _logit_error(reference["bfloat16"], reference["float32"], mask)}
     for impl in ctx.sizes.impls:
@@ -411,7 +422,7 @@ def section_sampler(ctx: Context, batch: int) -> dict:
     if bandwidth:
         row["bound_step_s"] = (weight_bytes + mean_kv) / bandwidth
         row["decode_over_bound"] = decode_step / row["bound_step_s"]
-    hf = ctx.results.get("torch_reference", {}).get("generate", {}).get(str(batch))
+    hf = ctx.results.get("torch_generate", {}).get("generate", {}).get(str(batch))
     if hf:
         row["hf_tokens_per_s"] = hf["tokens_per_s"]
         row["vs_hf"] = row["tokens_per_s"] / hf["tokens_per_s"]
@@ -483,7 +494,8 @@ def plan_sections(sizes: Sizes) -> list[tuple[str, float, Callable[[Context], di
     """(name, expected seconds on the GPU, function), in priority order."""
     first, *rest = sizes.sampler_batches
     impls = [i for i in sizes.impls if i != "cudnn"]
-    sections = [("device", 20, section_device), ("torch_reference", 60, section_torch_reference),
+    sections = [("device", 20, section_device), ("torch_logits", 20, section_torch_logits),
+                ("torch_generate", 60, section_torch_generate),
                 ("torch_train", 45, section_torch_train),
                 ("train_dpo_cudnn", 60, lambda c: section_train(c, "dpo", "cudnn")),
                 ("parity", 40, section_parity),
@@ -512,21 +524,25 @@ def time_box(seconds: float):
 
 
 def run_sections(ctx: Context, sections, write: Callable[[], None]) -> None:
+    """Runs each section in a time box of at most 3x its expected time (and the budget left), keeping what a
+    failing or overlong section measured before it stopped (`ctx.partial`)."""
     deadline = time.perf_counter() + ctx.args.budget_s
     for name, expected, fn in sections:
-        left = deadline - time.perf_counter()
         if ctx.args.sections and name not in ctx.args.sections:
             continue
+        left = deadline - time.perf_counter()
         if not ctx.args.smoke and left < min(expected, 30):
             ctx.results[name] = dict(skipped=f"time budget: {left:.0f} s left, ~{expected} s needed")
             continue
-        print(f"[gpu_check] {name} (up to {left:.0f} s)", file=sys.stderr, flush=True)
+        box = left if ctx.args.smoke else min(left, max(3 * expected, 60))
+        print(f"[gpu_check] {name} (up to {box:.0f} s)", file=sys.stderr, flush=True)
         start = time.perf_counter()
+        ctx.partial = {}
         try:
-            with time_box(left):
-                ctx.results[name] = fn(ctx)
+            with time_box(box):
+                ctx.results[name] = {**ctx.partial, **fn(ctx)}
         except (Exception, SectionTimeout) as e:  # one failing section must not stop the others
-            ctx.results[name] = dict(error=f"{type(e).__name__}: {e}"[:2000],
+            ctx.results[name] = dict(ctx.partial, error=f"{type(e).__name__}: {e}"[:2000],
                                      traceback=traceback.format_exc()[-4000:])
         free_device_memory()  # what the section held (arrays, compiled programs, torch's cache) goes back
         ctx.results[name]["section_s"] = time.perf_counter() - start

@@ -15,7 +15,7 @@ import gpu_check  # noqa: E402
 
 # The e2e section is the EM driver (tests/test_em_run.py); here only its config is checked.
 # The RM step differs from the DPO step only in bench_train's objective switch; it is left out for time.
-SECTIONS = ["device", "torch_reference", "torch_train", "train_dpo_xla", "parity", "sampler_4"]
+SECTIONS = ["device", "torch_logits", "torch_generate", "torch_train", "train_dpo_xla", "parity", "sampler_4"]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_smoke_run_measures_every_section(smoke):
     assert window["max_abs"] <= 1e-4 * max(1.0, window["ref_std"]) and window["top1_agreement"] == 1.0
     sampler = results["sampler_4"]
     assert sampler["tokens_per_s"] > 0 and sampler["vs_hf"] > 0 and sampler["bound_step_s"] > 0
-    assert set(results["torch_reference"]["generate"]) == {"4", "2"}
+    assert set(results["torch_generate"]["generate"]) == {"4", "2"}
 
 
 def test_smoke_table_names_each_figure_and_goal(smoke):
@@ -55,11 +55,12 @@ def test_smoke_table_names_each_figure_and_goal(smoke):
 
 
 def test_a_failing_or_overlong_section_is_recorded_and_the_rest_run():
-    """A section that raises, and one that outlives the time left (here 1.5 s), each leave an error and the
-    next section still runs; the output is rewritten after every section."""
+    """A section that raises (keeping what it measured before), and one that outlives the time left (here
+    1.5 s), each leave an error and the next section still runs; the output is rewritten after every section."""
     ctx = gpu_check.Context(argparse.Namespace(budget_s=1.5, sections=None, smoke=True), gpu_check.SMOKE, results={})
 
-    def boom(_):
+    def boom(ctx):
+        ctx.partial["measured"] = 1.0  # figures a section recorded before it failed are kept
         raise RuntimeError("no device")
 
     def overlong(_):
@@ -69,7 +70,7 @@ def test_a_failing_or_overlong_section_is_recorded_and_the_rest_run():
     writes = []
     gpu_check.run_sections(ctx, [("boom", 1, boom), ("slow", 1, overlong), ("fine", 1, lambda _: {"x": 1})],
                            lambda: writes.append(1))
-    assert ctx.results["boom"]["error"] == "RuntimeError: no device"
+    assert ctx.results["boom"]["error"] == "RuntimeError: no device" and ctx.results["boom"]["measured"] == 1.0
     assert ctx.results["slow"]["error"].startswith("SectionTimeout")
     assert ctx.results["fine"]["x"] == 1 and len(writes) == 3
 
