@@ -83,13 +83,18 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.mesh.data = 1
     elif preset == "gpu":
         cfg.policy.dtype = cfg.reward_model.dtype = "bfloat16"
+        cfg.policy.scan_layers = cfg.reward_model.scan_layers = True
         cfg.prompts.update(policy=(2000, 2000), reward_model=2000, base_rm_labels=2000, heldout_eval=300,
                            max_prompt_tokens=512)
         cfg.sampling.update(num_samples=5, max_new_tokens=384, batch_size=256, max_batch_tokens=262144)
         cfg.mt.drop_truncated = True
-        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1)
-        cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
-        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1)
+        # 4 micro-batches of 16 pairs: 64 pairs at once need ~160 GiB (python -m mtjax.plan --config=configs/mt.py:gpu)
+        cfg.dpo.update(batch_size=64, max_length=1024, epochs=1, learning_rate=2e-6, warmup_ratio=0.1,
+                       num_micro_batches=4)
+        cfg.rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1,
+                      num_micro_batches=4)
+        cfg.base_rm.update(batch_size=64, max_length=1024, epochs=1, learning_rate=1e-5, warmup_ratio=0.1,
+                           num_micro_batches=4)
         cfg.eval.num_samples = 4
     elif preset == "paper":
         paper_config(cfg)
@@ -102,7 +107,7 @@ def paper_config(cfg: ConfigDict) -> None:
     lr 7e-7 with global batch 128, Bradley-Terry at lr 2e-6 with global batch 512 and weight decay 0.001,
     length 2048, one epoch, cosine with 10 % warm-up; prompts capped at 1024 tokens (SimPO's recipe caps at
     1800 of 2048; here 1024 prompt + 1024 response tokens fit the 2048 of training)."""
-    bf16 = dict(dtype="bfloat16", param_dtype="float32", remat=True)
+    bf16 = dict(dtype="bfloat16", param_dtype="float32", remat=True, scan_layers=True)
     cfg.policy.update(source="meta-llama/Meta-Llama-3-8B-Instruct", **bf16)
     cfg.reward_model.update(source="sfairXC/FsfairX-LLaMA3-RM-v0.1", **bf16)
     cfg.prompts.update(source="HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", column="prompt",

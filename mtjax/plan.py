@@ -5,18 +5,29 @@
 A run never holds everything at once; it moves through phases, and the peak is the largest phase:
 
 * always resident — π_{t-1}, r_{t-1} and r0 (stored in ``param_dtype``), plus π_t after the E-step;
-* sampling — + the KV cache of one sampling batch (scoring needs less: no cache, one forward);
+* sampling — + the KV cache of one sampling batch and, with einsum attention, one layer's float32
+  scores of the prefill or of a scoring batch (whichever is larger);
 * dpo_train — + the trained copy's float32 weights, gradients, AdamW moments and the activations of
   one micro-batch (reference log-probs are precomputed, so no reference model runs during training);
 * rm_train — the same for the reward model (two sequences per pair, no vocabulary logits).
 
 Sharding follows `mtjax.sharding`: parameters and optimizer state are split over ``fsdp x tensor``,
-the batch over ``data x fsdp``, heads / MLP width / vocab over ``tensor``. Activation estimates
-(per layer, bytes): without remat ``T·B·D·(34 + 5·N·T/D)/2·b`` (Korthikanti et al., 2022, with the
-attention-score term dropped when a fused attention kernel is used), with remat only the layer inputs
-``2·B·T·D·b`` plus one layer's working set; the float32 logits and their gradient (``2·B·T·V·4``)
-are counted separately because with a 128k vocabulary they dominate. These are estimates: check them
-against a measured peak (``jax.devices()[0].memory_stats()['peak_bytes_in_use']``) on your hardware.
+the batch over ``data x fsdp``, heads / MLP width / vocab over ``tensor``.
+
+The train-step model (`train_step_bytes`) reads what runs: the attention implementation the model
+config resolves to on the target platform (`attention.resolve_attention_impl`), `remat` and
+`scan_layers`. Per layer and token, the backward pass keeps ``b·(6D + 6F + 2NH + 2KH)`` bytes
+(b = compute dtype bytes; block input and normed input, q/k/v, attention output, the SwiGLU
+intermediates) plus, unless attention is the cuDNN kernel, two float32 score-sized tensors
+``2·4·N·S`` (masked scores and probabilities; cuDNN keeps its output and a float32 log-sum-exp
+``b·NH + 4·N`` instead). The step's activation peak is the larger of two moments: the start of the
+backward pass with the float32 logits and their gradient (``2·B·T·V·4``) live, and the backward pass
+of one layer (all saved layers plus one layer's working set). With remat under `scan_layers` only each
+layer's input ``b·D`` is saved and the working set is the recomputed layer; remat of unrolled layers
+is counted as no remat, because XLA may hoist every recomputation to the start of the backward pass
+(on XLA:CPU it saved nothing, tests/test_plan.py). `tests/test_plan.py` checks the estimate against
+XLA's own memory analysis of the jitted DPO and RM steps; on a GPU `scripts/gpu_check.py` compares it
+with the measured peak.
 """
 
 from __future__ import annotations
@@ -85,52 +96,90 @@ class Mesh:
         return self.data * self.fsdp
 
 
-def _activations(shape: ModelConfig, rows: int, length: int, compute_bytes: int, remat: bool, fused_attention: bool,
-                 tensor: int) -> tuple[float, float]:
-    """(decoder activations, float32 logits + their gradient) for `rows` sequences on one device."""
-    d, t = shape.hidden_size, length
-    if remat:
-        saved_inputs = shape.num_layers * rows * t * d * compute_bytes  # one [B,T,D] per block
-        one_layer = rows * t * 34 * d * compute_bytes / 2 / tensor  # recomputed block during backward
-        decoder = saved_inputs + one_layer
+# Working set of one layer's backward pass, in units of that layer's saved bytes: without remat its
+# cotangents; with remat the recomputed forward plus its cotangents. Calibrated against XLA's buffer
+# assignment of the CPU train steps (tests/test_plan.py checks other shapes within 15 %).
+WORKING_SET_LAYERS = {False: 1.0, True: 1.3}
+
+
+def layer_bytes_per_token(shape: ModelConfig, length: int, compute_bytes: int, fused: bool, tensor: int = 1) -> float:
+    """Bytes one decoder layer keeps per token for its backward pass (no remat), on one device."""
+    d, f = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    split = compute_bytes * (6 * f + 2 * q + 2 * kv)  # sharded over `tensor` (heads, MLP width)
+    if fused:
+        split += compute_bytes * q + 4 * shape.num_heads  # cuDNN: output and float32 log-sum-exp
     else:
-        score_term = 0 if fused_attention else 5 * shape.num_heads * t
-        decoder = shape.num_layers * rows * t * (34 * d + score_term) * compute_bytes / 2 / tensor
-    logits = 2 * rows * t * shape.vocab_size * 4 / tensor
-    return decoder, logits
+        split += 2 * 4 * shape.num_heads * length  # float32 masked scores and probabilities
+    return compute_bytes * 6 * d + split / tensor
 
 
-def plan(cfg, mesh: Mesh, remat: bool | None = None, fused_attention: bool = True) -> dict[str, dict[str, float]]:
-    """Bytes per device, per phase and item (see the module docstring)."""
-    policy, rm = shape_of(cfg.policy.source), shape_of(cfg.reward_model.source)
-    compute = DTYPE_BYTES[cfg.policy.dtype]
-    stored = DTYPE_BYTES[cfg.policy.param_dtype]
+def train_step_bytes(shape: ModelConfig, head: str, rows: int, length: int, *, platform: str = "gpu",
+                     param_shards: int = 1, tensor: int = 1) -> dict[str, float]:
+    """Per-device bytes of one jitted train step of `shape` (its dtype, remat, scan_layers and
+    attention_impl included) on `rows` sequences of `length` tokens: the float32 train state (weights and
+    AdamW moments), the float32 gradients and the activation peak (see the module docstring)."""
+    from mtjax.models.attention import resolve_attention_impl
+
+    n = num_params(shape, head)
+    compute = DTYPE_BYTES[shape.dtype]
+    fused = resolve_attention_impl(shape, platform) == "cudnn"
+    tokens = rows * length
+    per_layer = layer_bytes_per_token(shape, length, compute, fused, tensor) * tokens
+    remat = shape.remat and shape.scan_layers
+    saved = shape.num_layers * (tokens * shape.hidden_size * compute if remat else per_layer)
+    backward_of_one_layer = saved + WORKING_SET_LAYERS[remat] * per_layer
+    logits = 2 * tokens * shape.vocab_size * 4 / tensor if head == "causal_lm" else 0.0
+    return {"trained copy: float32 weights": n * 4 / param_shards, "AdamW moments (float32)": 2 * n * 4 / param_shards,
+            "gradients (float32)": n * 4 / param_shards,
+            "activations (one micro-batch)": max(saved + logits, backward_of_one_layer)}
+
+
+def _model_shape(section, source_shape: ModelConfig) -> ModelConfig:
+    """The preset's model shape with the section's execution settings (dtype, remat, scan, attention)."""
+    get = section.get if hasattr(section, "get") else lambda key, default=None: getattr(section, key, default)
+    return source_shape.replace(dtype=get("dtype", "float32"), param_dtype=get("param_dtype", "float32"),
+                                remat=bool(get("remat", False)), scan_layers=bool(get("scan_layers", False)),
+                                attention_impl=get("attention_impl", "auto") or "auto")
+
+
+def plan(cfg, mesh: Mesh, remat: bool | None = None, platform: str = "gpu") -> dict[str, dict[str, float]]:
+    """Bytes per device, per phase and item (see the module docstring), for a run on `platform`."""
+    policy = _model_shape(cfg.policy, shape_of(cfg.policy.source))
+    rm = _model_shape(cfg.reward_model, shape_of(cfg.reward_model.source))
+    if remat is not None:
+        policy, rm = policy.replace(remat=remat), rm.replace(remat=remat)
+    compute = DTYPE_BYTES[policy.dtype]
+    stored = DTYPE_BYTES[policy.param_dtype]
     n_pol, n_rm = num_params(policy, "causal_lm"), num_params(rm, "reward")
     shards = mesh.param_shards
     sampling_rows = max(1, cfg.sampling.batch_size // mesh.batch_shards)
     length = cfg.dpo.max_length
     kv = (2 * policy.num_layers * sampling_rows * length * policy.num_kv_heads * policy.head_dim
           * compute / max(1, min(mesh.tensor, policy.num_kv_heads)))
-    remat = bool(cfg.policy.remat) if remat is None else remat
+    # The KV-cache path (prefill) always runs the einsum attention; scoring runs the RM's resolved one.
+    from mtjax.models.attention import resolve_attention_impl
+
+    prompt = max(1, length - cfg.sampling.max_new_tokens)
+    prefill_rows = max(1, sampling_rows // max(1, cfg.sampling.num_samples))
+    heads_per_device = policy.num_heads / min(mesh.tensor, policy.num_heads)
+    scores = prefill_rows * heads_per_device * prompt * length * 4
+    if resolve_attention_impl(rm, platform) != "cudnn":
+        scores = max(scores, sampling_rows * rm.num_heads / min(mesh.tensor, rm.num_heads) * length * length * 4)
     # The driver keeps π_{t-1}, r_{t-1} and r0 on device through an iteration (π_t joins after the E-step).
     resident = {"π_{t-1} params": n_pol * stored / shards, "r_{t-1} and r0 params": 2 * n_rm * stored / shards}
+    sampling = {"KV cache": kv, "attention scores (one layer, einsum)": scores}
 
-    def train_state(n: int, shape: ModelConfig, section, lm_head: bool) -> dict[str, float]:
+    def train_state(shape: ModelConfig, section, head: str) -> dict[str, float]:
         pairs = max(1, section.batch_size // section.num_micro_batches // mesh.batch_shards)
-        decoder, logits = _activations(shape, 2 * pairs, section.max_length, compute, remat, fused_attention,
-                                       mesh.tensor)  # chosen and rejected rows
-        items = {"trained copy: float32 weights": n * 4 / shards, "gradients (float32)": n * 4 / shards,
-                 "AdamW moments (float32)": 2 * n * 4 / shards, "activations (one micro-batch)": decoder}
-        if lm_head:
-            items["float32 logits + grad"] = logits
-        return items
+        return train_step_bytes(shape, head, 2 * pairs, section.max_length, platform=platform,
+                                param_shards=shards, tensor=mesh.tensor)  # chosen and rejected rows
 
     phases = {
-        "e_step sampling": {**resident, "KV cache": kv},
-        "e_step dpo_train": {**resident, **train_state(n_pol, policy, cfg.dpo, lm_head=True)},
-        "m_step sampling": {**resident, "π_t params": n_pol * stored / shards, "KV cache": kv},
-        "m_step rm_train": {**resident, "π_t params": n_pol * stored / shards,
-                            **train_state(n_rm, rm, cfg.rm, lm_head=False)},
+        "e_step sampling": {**resident, **sampling},
+        "e_step dpo_train": {**resident, **train_state(policy, cfg.dpo, "causal_lm")},
+        "m_step sampling": {**resident, "π_t params": n_pol * stored / shards, **sampling},
+        "m_step rm_train": {**resident, "π_t params": n_pol * stored / shards, **train_state(rm, cfg.rm, "reward")},
     }
     return {name: {**items, "total": sum(items.values())} for name, items in phases.items()}
 
@@ -140,7 +189,7 @@ def format_plan(result: dict[str, dict[str, float]], device_gib: float | None) -
     for phase, items in result.items():
         lines.append(f"{phase}")
         for name, value in items.items():
-            lines.append(f"  {name:<32}{value / GIB:10.2f} GiB")
+            lines.append(f"  {name:<38}{value / GIB:10.2f} GiB")
     peak_phase = max(result, key=lambda p: result[p]["total"])
     peak = result[peak_phase]["total"] / GIB
     lines.append(f"peak: {peak:.2f} GiB per device ({peak_phase})")
@@ -156,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--mesh", default=None, help="data,fsdp,tensor (default: the config's mesh)")
     parser.add_argument("--device_gib", type=float, default=None, help="device memory to check against")
     parser.add_argument("--remat", choices=["on", "off"], default=None, help="override the config's remat")
+    parser.add_argument("--platform", default="gpu", choices=["gpu", "cpu", "tpu"],
+                        help="where the run will execute (decides what attention_impl='auto' resolves to)")
     args = parser.parse_args(argv)
     path, _, preset = args.config.partition(":")
     import importlib.util
@@ -169,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"--mesh={args.mesh!r}: expected three positive sizes data,fsdp,tensor (e.g. 1,8,1)")
     remat = None if args.remat is None else args.remat == "on"
     print(f"plan for {args.config}, mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
-    print(format_plan(plan(cfg, Mesh(*sizes), remat), args.device_gib))
+    print(format_plan(plan(cfg, Mesh(*sizes), remat, platform=args.platform), args.device_gib))
 
 
 if __name__ == "__main__":

@@ -283,10 +283,8 @@ def _generate_program(model_cls: type, cfg: Any, max_new_tokens: int, greedy: bo
 
         logits, cache = model.apply({"params": params}, ids_pl, kv_mask, cache, method=_last_logits)
         if group > 1:  # every sample row of a prompt starts from the prompt's one prefill
-            def repeat(x):
-                return jnp.repeat(x, group, axis=0) if x.ndim else x
-
-            logits, cache, kv_mask = jax.tree.map(repeat, (logits, cache, kv_mask))
+            logits, kv_mask = (jnp.repeat(x, group, axis=0) for x in (logits, kv_mask))
+            cache = cache.repeat_rows(group)  # per-layer or stacked (scan_layers) buffers
         tok = pick(logits, 0)
         out = jnp.full((batch, n_new), pad_id, jnp.int32).at[:, 0].set(tok)
         state = (jnp.asarray(1, jnp.int32), cache, tok, is_stop(tok), out)

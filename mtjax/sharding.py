@@ -45,6 +45,11 @@ LLAMA_PARTITION_RULES: tuple[tuple[str, P], ...] = (
 )
 
 
+# Params of scanned decoder layers (`ModelConfig.scan_layers`: "model/layers/...", not "model/layers_0/...")
+# carry a leading layer axis in front of the shapes above; it is never sharded.
+SCANNED_LAYERS = re.compile(r"(^|/)layers/")
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[Any] | None = None) -> Mesh:
     """A `(data, fsdp, tensor)` mesh over `devices` (default: all). One size may be -1 (fill the rest).
 
@@ -84,12 +89,15 @@ def _axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, rules: PartitionRules = LLAMA_PARTITION_RULES) -> P:
     """The PartitionSpec of one array: the first matching rule, with non-dividing dims replicated.
 
-    Unmatched arrays (step counters, unknown extras) are replicated.
+    Unmatched arrays (step counters, unknown extras) are replicated; a scanned layer's param gets the
+    rule's spec behind an unsharded layer axis.
     """
     matched = next(((pattern, spec) for pattern, spec in rules if re.search(pattern, path)), None)
     if matched is None:
         return P()
     pattern, spec = matched
+    if SCANNED_LAYERS.search(path):
+        spec = P(None, *spec)
     if len(spec) > len(shape):
         raise ValueError(
             f"partition rule {pattern!r} gives {spec} ({len(spec)} dims) for {path!r} of shape {tuple(shape)}"

@@ -73,9 +73,10 @@ class Result:
 # ----------------------------------------------------------------------------- shapes and FLOPs
 
 
-def model_config(shape: str, dtype: str, remat: bool, num_labels: int = 1) -> ModelConfig:
+def model_config(shape: str, dtype: str, remat: bool, num_labels: int = 1, **options: Any) -> ModelConfig:
+    """`options`: further ModelConfig fields (attention_impl, scan_layers)."""
     return ModelConfig(**SHAPES[shape], dtype=dtype, param_dtype="float32", remat=remat, num_labels=num_labels,
-                       pad_token_id=0)
+                       pad_token_id=0, **options)
 
 
 def matmul_params(cfg: ModelConfig, objective: str) -> int:
@@ -178,9 +179,10 @@ def device_peak(dtype: str) -> tuple[float, str]:
 # ----------------------------------------------------------------------------- mtjax steps
 
 
-def setup_jax(cfg: ModelConfig, objective: str, batch: dict[str, np.ndarray], mesh_shape: tuple[int, int, int],
-              micro_batches: int) -> Callable[[], None]:
-    """The mtjax step as a no-argument callable that runs one step and waits for it."""
+def jax_step(cfg: ModelConfig, objective: str, batch: dict[str, np.ndarray], mesh_shape: tuple[int, int, int],
+             micro_batches: int) -> tuple[Callable, Any, tuple]:
+    """`(jitted step, initial train state, the step's other arguments)` of the mtjax DPO (reference
+    forward in the step) or RM step on random weights."""
     mesh = sharding.make_mesh(*mesh_shape)
     model = CausalLM(cfg) if objective == "dpo" else RewardModel(cfg)
     seq_len = batch["chosen_input_ids"].shape[1]
@@ -196,13 +198,19 @@ def setup_jax(cfg: ModelConfig, objective: str, batch: dict[str, np.ndarray], me
     device_batch = sharding.shard_batch(batch, mesh)
     if objective == "dpo":
         step = train.make_dpo_step(model, train.DPOConfig(beta=BETA, num_micro_batches=micro_batches), optimizer, mesh)
-        reference = jax.tree.map(jnp.copy, params)
-        args: tuple = (reference, device_batch)
+        args: tuple = (jax.tree.map(jnp.copy, params), device_batch)  # the frozen reference
     else:
         step = train.make_reward_model_step(model, train.RewardConfig(num_micro_batches=micro_batches), optimizer,
                                             mesh)
         args = (device_batch,)
-    holder = {"state": train.init_train_state(params, optimizer, mesh)}
+    return step, train.init_train_state(params, optimizer, mesh), args
+
+
+def setup_jax(cfg: ModelConfig, objective: str, batch: dict[str, np.ndarray], mesh_shape: tuple[int, int, int],
+              micro_batches: int) -> Callable[[], None]:
+    """The mtjax step as a no-argument callable that runs one step and waits for it."""
+    step, state, args = jax_step(cfg, objective, batch, mesh_shape, micro_batches)
+    holder = {"state": state}
 
     def run_step():
         holder["state"], metrics = step(holder["state"], *args)

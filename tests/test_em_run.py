@@ -161,6 +161,36 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
     assert all(tracking_files.same_float32(events[k], v) for k, v in expected.items())
 
 
+def test_scanned_fused_models_resume_mid_dpo_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    """With `scan_layers` (stacked params, optimizer state and KV cache) and the fused attention call
+    (`attention_impl="xla"`, cuDNN's arguments): Ctrl-C in the middle of iteration 1's DPO saves the train
+    state, and the rerun ends with the policy and per-step rows of an uninterrupted run. Only the first
+    E-step runs (no r0 training), to keep the test short."""
+    cfg = tiny_config()
+    cfg.base_rm.enabled = False  # r0 = the seeded head: the E-step still scores with the scanned, fused RM
+    for section in (cfg.policy, cfg.reward_model):
+        section.update(scan_layers=True, attention_impl="xla")
+
+    def first_e_step(workdir):
+        run = MutualTaught(cfg, workdir)
+        return run, run.e_step(1, run.models.policy_params, run.base_reward_model())
+
+    reference, ref_policy = first_e_step(str(tmp_path / "reference"))
+    assert "layers" in ref_policy["model"]  # stacked, not layers_0, layers_1, ...
+    steps = reference.rd.summary("iter_1/e_step")["steps"]
+    assert steps >= 2
+    workdir = str(tmp_path / "resumed")
+    with monkeypatch.context() as m:
+        _interrupting(m, "iter_1/e_step", 1, KeyboardInterrupt())
+        with pytest.raises(KeyboardInterrupt):
+            first_e_step(workdir)
+    run, policy = first_e_step(workdir)
+    assert_trees_equal(policy, ref_policy)
+    assert _train_rows(run.rd, "iter_1/e_step") == _train_rows(reference.rd, "iter_1/e_step")
+    logged = Counter(r["step"] for r in run.rd.metrics() if r.get("phase") == "iter_1/e_step" and "train" in r)
+    assert logged == {s: 1 for s in range(1, steps + 1)}  # resumed after step 1, not redone
+
+
 def test_an_interrupted_sampling_pass_resumes_with_the_next_piece(tmp_path, monkeypatch):
     """Ctrl-C in the second of three pieces of a sampling pass: the rerun samples only the pieces left and
     stores what an uninterrupted pass stores."""

@@ -1,4 +1,4 @@
-"""Execution options that must not change the maths: remat, dtypes, cuDNN-ready attention inputs."""
+"""Execution options that must not change the maths: remat, dtypes, attention implementations."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 from tiny_hf import padded_batch
 
 from mtjax.models import CausalLM, ModelConfig, RewardModel
+from mtjax.models.attention import resolve_attention_impl
 
 CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, sliding_window=6)
@@ -57,3 +58,24 @@ def test_reward_read_by_mask_not_by_token_id():
     a = model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask))
     b = model.apply({"params": params}, jnp.asarray(other), attention_mask=jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_attention_impl_auto_picks_cudnn_only_where_it_runs():
+    assert CFG.replace(attention_impl=None).attention_impl == "auto"  # configs written before "auto"
+    bf16 = CFG.replace(dtype="bfloat16")
+    assert resolve_attention_impl(bf16, "gpu") == "cudnn"
+    assert resolve_attention_impl(bf16, "cpu") == "einsum"
+    assert resolve_attention_impl(CFG, "gpu") == "einsum"  # float32: cuDNN's flash kernel needs bf16/fp16
+    assert resolve_attention_impl(bf16.replace(head_dim=12), "gpu") == "einsum"  # not a multiple of 8
+    assert resolve_attention_impl(CFG.replace(attention_impl="xla"), "gpu") == "xla"  # explicit wins
+    with pytest.raises(ValueError, match="attention_impl='flash'.*'auto', 'einsum', 'xla', 'cudnn'"):
+        CFG.replace(attention_impl="flash")
+
+
+def test_fused_attention_keeps_an_all_padding_row_finite():
+    """A batch-filling row with no real token (mask all 0) must not put NaN into the loss or gradients."""
+    ids, mask = map(jnp.asarray, padded_batch([10, 0], 10, "right"))
+    cfg = CFG.replace(attention_impl="xla")
+    params = CausalLM(cfg).init(jax.random.PRNGKey(3), ids)["params"]
+    loss, grads = _loss_and_grads(cfg, params, ids, mask)
+    assert bool(jnp.isfinite(loss)) and all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))

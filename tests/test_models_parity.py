@@ -28,7 +28,7 @@ def causal_case(request, tmp_path_factory):
     return request.param, hf_model, model, params
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("side", ["right", "left", "both"])
 def test_causal_lm_logits_match_transformers(causal_case, side, record_property):
     name, hf_model, model, params = causal_case
     ids, mask = padded_batch(LENGTHS, TOTAL, side)
@@ -148,3 +148,112 @@ def test_gradients_match_torch_autograd(causal_case):
     for n, g in ref.items():
         scale = max(float(np.abs(g).max()), 1e-3)
         np.testing.assert_allclose(ours[n], g, atol=2e-5 * scale, rtol=0, err_msg=f"{name}: d/d{n}")
+
+
+# ----------------------------------------------------------------------------- execution variants
+# Every variant must give transformers' outputs on every padded layout the code receives: right (training
+# pairs), left (reward scoring, sampler prompts) and both sides. "xla" is `jax.nn.dot_product_attention`
+# with the arguments the cuDNN kernel gets on a GPU (is_causal, sequence lengths, local_window_size).
+
+VARIANTS = {  # the default (einsum on CPU, unrolled) is the one the tests above load
+    "xla": dict(attention_impl="xla"),
+    "scan": dict(scan_layers=True),
+    "scan_xla_remat": dict(scan_layers=True, attention_impl="xla", remat=True),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_models(causal_case, tmp_path_factory):
+    """{variant: (model, params)} of the case's checkpoint loaded with each variant's config."""
+    name = causal_case[0]
+    path = tmp_path_factory.mktemp(f"{name}_variants")
+    causal_case[1].save_pretrained(path)
+    return {v: load_hf(path, **options) for v, options in VARIANTS.items()}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("side", ["right", "left", "both"])
+def test_variants_match_transformers(causal_case, variant_models, variant, side, record_property):
+    name, hf_model, base, base_params = causal_case
+    model, params = variant_models[variant]
+    ids, mask = padded_batch(LENGTHS, TOTAL + 3, side, seed=5)
+    ours = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    diff = _valid_max_diff(ours, hf_forward(hf_model, ids, mask), mask)
+    record_property("max_abs_logit_diff", diff)
+    assert diff <= TOL, f"{name}/{variant}/{side}: {diff:.2e}"
+    # and against the default (einsum, unrolled) path of mtjax itself
+    plain = np.asarray(base.apply({"params": base_params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert _valid_max_diff(ours, plain, mask) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["xla", "scan_xla_remat"])
+def test_variant_gradients_equal_einsum(causal_case, variant_models, variant):
+    """Fused attention and scanned (rematerialised) layers give the einsum path's gradients, on a batch mixing
+    left- and right-padded rows."""
+    _, _, base, base_params = causal_case
+    model, params = variant_models[variant]
+    ids = np.concatenate([padded_batch(LENGTHS, TOTAL, "left")[0], padded_batch(LENGTHS, TOTAL, "right", 1)[0]])
+    mask = np.concatenate([padded_batch(LENGTHS, TOTAL, "left")[1], padded_batch(LENGTHS, TOTAL, "right", 1)[1]])
+
+    def loss(model, p):
+        logp = jax.nn.log_softmax(model.apply({"params": p}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+        return jnp.sum(logp[..., 5] * mask)
+
+    ref = dict(params_to_hf_tensors(base, jax.grad(lambda p: loss(base, p))(base_params)))
+    ours = dict(params_to_hf_tensors(model, jax.jit(jax.grad(lambda p: loss(model, p)))(params)))
+    assert ours.keys() == ref.keys()
+    for n, g in ref.items():
+        np.testing.assert_allclose(ours[n], g, atol=2e-5 * max(float(np.abs(g).max()), 1e-3), err_msg=n)
+
+
+@pytest.mark.parametrize("variant", ["xla", "scan"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_variant_reward_models_match_sequence_classifier(variant, side, tmp_path):
+    hf_model = make_hf_model("mistral_window", "reward")
+    hf_model.save_pretrained(tmp_path)
+    model, params = load_hf(tmp_path, **VARIANTS[variant])
+    ids, mask = padded_batch(LENGTHS, TOTAL, side, seed=1)
+    ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(ours, hf_forward(hf_model, ids, mask)[:, 0], atol=TOL)
+
+
+def test_scanned_kv_cache_decode_equals_full_forward(causal_case, variant_models):
+    """The stacked cache of `scan_layers` decodes exactly like the full (fused-attention) forward pass."""
+    model, params = variant_models["scan"]
+    prompt_ids, prompt_mask = padded_batch([6, 4, 2], 6, "left", seed=3)
+    ids = np.concatenate([prompt_ids, np.random.default_rng(4).integers(3, 96, size=(3, 4))], axis=1)
+    mask = np.concatenate([prompt_mask, np.ones((3, 4), np.int64)], axis=1)
+    full_model, full_params = variant_models["scan_xla_remat"]
+    full = np.asarray(full_model.apply({"params": full_params}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    cache = init_cache(model.cfg, batch_size=3, max_length=12)
+    assert cache.stacked and cache.keys.shape == (model.cfg.num_layers, 3, model.cfg.num_kv_heads,
+                                                  model.cfg.head_dim, 12)
+    kv_mask = np.zeros((3, 12), np.int32)
+    kv_mask[:, :6] = prompt_mask
+    apply = jax.jit(model.apply)
+    logits, cache = apply({"params": params}, jnp.asarray(ids[:, :6]), attention_mask=jnp.asarray(kv_mask),
+                          cache=cache)
+    got = [np.asarray(logits)]
+    for t in range(6, 10):
+        kv_mask[:, t] = 1
+        logits, cache = apply({"params": params}, jnp.asarray(ids[:, t:t + 1]), attention_mask=jnp.asarray(kv_mask),
+                              cache=cache)
+        got.append(np.asarray(logits))
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.concatenate(got, axis=1)[valid], full[valid], atol=1e-5)
+
+
+def test_scanned_params_export_and_reload(causal_case, variant_models, tmp_path):
+    """Stacked params export to the same HF tensors as the unrolled ones and read back bit-for-bit."""
+    _, _, base, base_params = causal_case
+    model, params = variant_models["scan"]
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    assert all("layers_" not in jax.tree_util.keystr(p) for p, _ in flat)
+    assert params["model"]["layers"]["mlp"]["up_proj"]["kernel"].shape[0] == model.cfg.num_layers
+    ours, ref = dict(params_to_hf_tensors(model, params)), dict(params_to_hf_tensors(base, base_params))
+    assert ours.keys() == ref.keys()
+    for n in ref:
+        np.testing.assert_array_equal(ours[n], ref[n], err_msg=n)
+    save_hf(model, params, tmp_path / "scan")
+    model2, params2 = load_hf(tmp_path / "scan", scan_layers=True)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)

@@ -252,6 +252,16 @@ def test_shared_prefill_matches_per_sample_prefill(tiny, monkeypatch, num_sample
     assert len({g.token_ids for per in shared for g in per}) == num_samples * len(SHORT)
 
 
+def test_scanned_layers_sample_the_same_tokens(tiny, tmp_path):
+    """`scan_layers`: the stacked KV cache (written one slot at a time, its rows repeated for a prompt's samples)
+    draws the tokens the per-layer cache draws."""
+    hf, model, params = tiny
+    hf.save_pretrained(tmp_path)
+    scanned, scanned_params = load_hf(tmp_path, scan_layers=True)
+    kw = dict(SAMPLE_KW, temperature=1.0, num_samples=4, seed=5, batch_size=8)
+    assert _gen(scanned, scanned_params, SHORT, **kw) == _gen(model, params, SHORT, **kw)
+
+
 def test_prefill_traced_on_distinct_prompts(tiny):
     _, model, params = tiny
     sampling._generate_program.cache_clear()

@@ -18,6 +18,7 @@ import torch
 import transformers
 from flax import traverse_util
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tiny_hf import hf_forward, padded_batch
 
 from mtjax import sampling, sharding, train
@@ -107,6 +108,39 @@ def test_sharded_params_equal_eager_and_follow_the_rules(loaded, mesh, case):
     assert len(split) >= 7 * model.cfg.num_layers + 1  # every kernel and the embedding
 
 
+def _record_reads(monkeypatch) -> list[tuple[str, int]]:
+    """Makes the streaming loader's only read (`hf._read_slice`) record `(tensor name, elements read)`."""
+    reads: list[tuple[str, int]] = []
+    real = hf._read_slice
+
+    def recording(handle, name, index):
+        block = real(handle, name, index)
+        reads.append((name, block.size))
+        return block
+
+    monkeypatch.setattr(hf, "_read_slice", recording)
+    return reads
+
+
+def test_scanned_layers_stream_stacked_shards(checkpoints, loaded, mesh, monkeypatch):
+    """`scan_layers`: each stacked param is built from the same slice of every layer's tensor; values equal
+    the eager per-layer load, the layer axis is never sharded, and the forward pass matches transformers."""
+    path, hf_model = checkpoints["mistral"]
+    base, eager, _ = loaded["mistral"]
+    reads = _record_reads(monkeypatch)
+    model, streamed = load_hf(path, mesh=mesh, scan_layers=True)
+    layers = model.cfg.num_layers
+    _assert_same_params(streamed, traverse_util.unflatten_dict(hf.stack_layers(_flat(eager), layers), sep="/"), mesh)
+    q = _flat(streamed)["model/layers/self_attn/q_proj/kernel"]  # [2, 512, 32, 16]
+    assert q.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert q.addressable_shards[0].data.shape == (layers, 128, 16, 16)
+    per_layer = _flat(eager)["model/layers_0/self_attn/q_proj/kernel"].size
+    assert max(size for name, size in reads if name.endswith("q_proj.weight")) == per_layer // 8
+    ids, mask = padded_batch([12, 7, 3], 12, "left")
+    ours = np.asarray(jax.jit(model.apply)({"params": streamed}, jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    assert float(np.abs(ours - hf_forward(hf_model, ids, mask))[mask.astype(bool)].max()) <= TOL
+
+
 def test_reward_head_from_causal_checkpoint_is_seeded_and_sharded(checkpoints, mesh):
     path, _ = checkpoints["llama_tied"]
     _, eager = load_hf(path, head="reward", seed=3)
@@ -127,15 +161,7 @@ def test_sharded_forward_matches_transformers(checkpoints, loaded, case):
 
 def test_streaming_reads_only_shard_slices(checkpoints, mesh, monkeypatch):
     path, _ = checkpoints["llama_index"]
-    reads: list[tuple[str, int]] = []
-    real = hf._read_slice
-
-    def recording(handle, name, index):
-        block = real(handle, name, index)
-        reads.append((name, block.size))
-        return block
-
-    monkeypatch.setattr(hf, "_read_slice", recording)
+    reads = _record_reads(monkeypatch)
     model, streamed = load_hf(path, mesh=mesh)
     flat = _flat(streamed)
     hf_names = {hf.hf_to_flax_name(name): name for name, _ in reads}
@@ -231,27 +257,31 @@ def _dpo_batch(num_pairs: int, vocab: int, seed: int = 1) -> dict[str, np.ndarra
 
 
 def test_train_step_and_sampler_match_single_device(checkpoints):
-    """A DPO step and greedy sampling on the streamed 8B-layout params give the 1x1x1 results."""
+    """A DPO step and greedy sampling on the streamed 8B-layout params give the 1x1x1 results, with layers
+    unrolled and scanned (stacked params and KV cache sharded by the same rules)."""
     path, _ = checkpoints["llama_untied"]
     optimizer = train.OptimizerConfig(learning_rate=1e-3, total_steps=10, warmup_ratio=0.0, eps=1e-3)
     batch = _dpo_batch(4, LAYOUT_8B["vocab_size"])
     prompts = [[5, 17, 300, 42, 9], [7, 8]]
     results = {}
-    for shape in (MESH_SHAPE, (1, 1, 1)):
+    for shape, options in ((MESH_SHAPE, {}), (MESH_SHAPE, {"scan_layers": True}), ((1, 1, 1), {})):
         mesh = sharding.make_mesh(*shape)
-        model, params = load_hf(path, mesh=mesh)
+        model, params = load_hf(path, mesh=mesh, **options)
         step = train.make_dpo_step(model, train.DPOConfig(beta=0.1), optimizer, mesh)
         state = train.init_train_state(params, optimizer, mesh)
         state, first = step(state, params, batch)
         state, second = step(state, params, batch)  # policy != reference now: a non-trivial loss
         tokens = sampling.generate(model, params, prompts, max_new_tokens=8, temperature=0.0, eos_token_ids=[],
                                    pad_token_id=0, batch_size=4, mesh=mesh, progress=False)
-        results[shape] = (float(first["loss"]), float(second["loss"]), jax.tree.map(np.asarray, state.params),
-                          [[g.token_ids for g in row] for row in tokens])
-    (loss1, loss2, params, tokens), (base1, base2, base_params, base_tokens) = results.values()
-    assert loss1 == pytest.approx(math.log(2.0), abs=1e-6) and loss2 < loss1
-    np.testing.assert_allclose([loss1, loss2], [base1, base2], atol=1e-5)
-    for (p, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(base_params), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-5, err_msg=sharding.path_to_str(p))
-    assert tokens == base_tokens
-    assert all(len(row[0]) == 8 for row in tokens)
+        flat = dict(hf.params_to_hf_tensors(model, jax.tree.map(np.asarray, state.params)))  # per layer, HF names
+        results[shape, bool(options)] = (float(first["loss"]), float(second["loss"]), flat,
+                                         [[g.token_ids for g in row] for row in tokens])
+    *runs, (base1, base2, base_params, base_tokens) = results.values()
+    for loss1, loss2, params, tokens in runs:  # sharded unrolled, sharded scanned
+        assert loss1 == pytest.approx(math.log(2.0), abs=1e-6) and loss2 < loss1
+        np.testing.assert_allclose([loss1, loss2], [base1, base2], atol=1e-5)
+        assert params.keys() == base_params.keys()
+        for name, value in params.items():
+            np.testing.assert_allclose(value, base_params[name], atol=1e-5, err_msg=name)
+        assert tokens == base_tokens
+        assert all(len(row[0]) == 8 for row in tokens)

@@ -47,20 +47,29 @@ def test_smollm2_config_and_tokenizer(smollm2):
 
 
 def test_reward_model_from_smollm2_backbone(smollm2):
-    """A reward model grown from the causal-LM checkpoint: same backbone, seeded new score head."""
-    from mtjax.models import load_gguf
-    from mtjax.models.hf import init_score_head
+    """A reward model grown from the causal-LM checkpoint: same backbone, seeded new score head. Loaded with
+    `scan_layers`, so the GGUF import also builds the stacked layout (the same weights, stacked per layer)."""
+    import jax
+    from flax import traverse_util
+
+    from mtjax.models import load_gguf, make_model
+    from mtjax.models.hf import init_score_head, stack_layers, unstack_layers
 
     model, params, tokenizer = smollm2
-    rm, rm_params = load_gguf(smollm2_gguf_path(), head="reward", seed=7)
+    rm, rm_params = load_gguf(smollm2_gguf_path(), head="reward", seed=7, scan_layers=True)
     np.testing.assert_array_equal(np.asarray(rm_params["score"]["kernel"]), init_score_head(rm.cfg, 7))
     assert not np.array_equal(init_score_head(rm.cfg, 7), init_score_head(rm.cfg, 8))
-    np.testing.assert_array_equal(np.asarray(rm_params["model"]["norm"]["scale"]),
-                                  np.asarray(params["model"]["norm"]["scale"]))
+    stacked = stack_layers(traverse_util.flatten_dict(params["model"], sep="/"), model.cfg.num_layers)
+    for path, value in traverse_util.flatten_dict(rm_params["model"], sep="/").items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(stacked[path]), err_msg=path)
     ids = tokenizer(["Hello world", "A longer sentence here"], padding=True, return_tensors="np")
-    rewards = rm.apply({"params": rm_params}, jnp.asarray(ids["input_ids"]),
-                       attention_mask=jnp.asarray(ids["attention_mask"]))
+    ids, mask = jnp.asarray(ids["input_ids"]), jnp.asarray(ids["attention_mask"])
+    rewards = jax.jit(rm.apply)({"params": rm_params}, ids, attention_mask=mask)
     assert rewards.shape == (2,) and np.all(np.isfinite(np.asarray(rewards)))
+    unrolled = make_model(rm.cfg.replace(scan_layers=False), "reward")
+    per_layer = traverse_util.unflatten_dict(unstack_layers(traverse_util.flatten_dict(rm_params, sep="/")), sep="/")
+    np.testing.assert_allclose(np.asarray(rewards), np.asarray(unrolled.apply({"params": per_layer}, ids,
+                                                                              attention_mask=mask)), atol=1e-5)
 
 
 def test_gguf_tokenizer_matches_transformers_gguf_conversion(smollm2):

@@ -55,12 +55,14 @@ def make_hf_model(case: str, head: str = "causal_lm", seed: int = 0):
 
 
 def padded_batch(lengths: list[int], total: int, side: str, seed: int = 0):
-    """Random token ids (never PAD_ID) padded to `total` on `side`: (input_ids, attention_mask)."""
+    """Random token ids (never PAD_ID) padded to `total` on `side` ("right", "left", or "both": the real
+    tokens in the middle of the row): (input_ids, attention_mask)."""
     rng = np.random.default_rng(seed)
     ids = np.full((len(lengths), total), PAD_ID, np.int64)
     mask = np.zeros((len(lengths), total), np.int64)
     for row, n in enumerate(lengths):
-        span = slice(0, n) if side == "right" else slice(total - n, total)
+        start = {"right": 0, "left": total - n, "both": (total - n) // 2}[side]
+        span = slice(start, start + n)
         ids[row, span] = rng.integers(3, VOCAB, size=n)
         mask[row, span] = 1
     return ids, mask

@@ -12,7 +12,10 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-SUPPORTED_ATTENTION_IMPLS = (None, "xla", "cudnn")
+# "auto": the cuDNN fused kernel where it runs (GPU, bf16/fp16, head_dim a multiple of 8 up to 128), else
+# "einsum"; "einsum": mtjax's grouped einsum (any device, the KV-cache path always uses it); "xla" / "cudnn":
+# `jax.nn.dot_product_attention` with that implementation (see `mtjax.models.attention`).
+SUPPORTED_ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -45,10 +48,12 @@ class ModelConfig:
     # Numerics and execution (not part of the checkpoint).
     dtype: str = "float32"
     param_dtype: str = "float32"
-    remat: bool = False
-    # None / "xla": mtjax's grouped einsum attention (`llama.grouped_attention`); "cudnn": the cuDNN flash
-    # kernel through `jax.nn.dot_product_attention` (GPU only; training and scoring, not the KV-cache path).
-    attention_impl: str | None = None
+    remat: bool = False  # rematerialise each decoder block in the backward pass (only its input is saved)
+    attention_impl: str = "auto"  # one of SUPPORTED_ATTENTION_IMPLS (None is read as "auto")
+    # Run the decoder blocks as one `nn.scan` over stacked params (leading layer axis): compile time and
+    # program size stop growing with depth. Changes the param tree ("model/layers/..." instead of
+    # "model/layers_0/...") and the KV cache (stacked arrays); HF/GGUF conversion stacks at the edge.
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,11 +64,14 @@ class ModelConfig:
             raise ValueError(
                 f"rope_type={self.rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if self.attention_impl is None:  # configs written before "auto" existed
+            object.__setattr__(self, "attention_impl", "auto")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r}; expected one of {', '.join(SUPPORTED_DTYPES)}")
         if self.attention_impl not in SUPPORTED_ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of None, 'xla', 'cudnn'")
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of "
+                             f"{', '.join(repr(i) for i in SUPPORTED_ATTENTION_IMPLS)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"

@@ -181,6 +181,56 @@ def hf_to_flax_name(hf_name: str) -> str | None:
     return None if found is None else found[0].flax_template.replace("{i}", found[1] or "")
 
 
+# ----------------------------------------------------------------------------- scanned (stacked) layers
+
+# The table names layers one by one ("model/layers_{i}/..."); a `scan_layers` model holds each of those
+# params once, stacked on a leading layer axis ("model/layers/..."). Conversion stacks and unstacks here,
+# at the edge, so the table, the GGUF reader and the shape checks stay per layer.
+_PER_LAYER = re.compile(r"^(.*/)?layers_(\d+)/(.*)$")
+_STACKED = re.compile(r"^(.*/)?layers/(.*)$")
+
+
+def _stacked_path(path: str) -> tuple[str, int] | None:
+    """`("model/layers/X", i)` for a per-layer path `model/layers_i/X`, None for any other path."""
+    m = _PER_LAYER.match(path)
+    return None if m is None else (f"{m.group(1) or ''}layers/{m.group(3)}", int(m.group(2)))
+
+
+def stack_layers(flat: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Flat per-layer params (`model/layers_i/X`) → the `scan_layers` tree's flat params (`model/layers/X`
+    of shape `[num_layers, ...]`); other entries pass through."""
+    out: dict[str, Any] = {}
+    layers: dict[str, dict[int, Any]] = {}
+    for path, value in flat.items():
+        found = _stacked_path(path)
+        if found is None:
+            out[path] = value
+        else:
+            layers.setdefault(found[0], {})[found[1]] = value
+    for path, per_layer in layers.items():
+        if sorted(per_layer) != list(range(num_layers)):
+            raise ValueError(f"{path}: have layers {sorted(per_layer)}, expected 0..{num_layers - 1}")
+        values = [per_layer[i] for i in range(num_layers)]
+        stack = jnp.stack if isinstance(values[0], jax.Array) else np.stack
+        out[path] = stack(values)
+    return out
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of `stack_layers` (works on arrays and on `ShapeDtypeStruct`s)."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        m = _STACKED.match(path)
+        if m is None:
+            out[path] = value
+            continue
+        for i in range(value.shape[0]):
+            name = f"{m.group(1) or ''}layers_{i}/{m.group(2)}"
+            out[name] = jax.ShapeDtypeStruct(value.shape[1:], value.dtype) if isinstance(
+                value, jax.ShapeDtypeStruct) else value[i]
+    return out
+
+
 # ----------------------------------------------------------------------------- building models
 
 
@@ -219,7 +269,8 @@ class _Placement:
     def __init__(self, model: Model, source: str):
         self.cfg = model.cfg
         self.source = source
-        self.expected = param_shapes(model)
+        self.model_shapes = param_shapes(model)  # stacked under scan_layers
+        self.expected = unstack_layers(self.model_shapes)  # per layer, as the table names them
         self.unexpected: list[str] = []
 
     def place(self, hf_name: str, hf_shape: tuple[int, ...]) -> tuple[str, _Layout] | None:
@@ -278,11 +329,13 @@ def params_from_hf_tensors(model: Model, tensors: Iterable[tuple[str, np.ndarray
             flat[path] = jnp.asarray(layout.to_flax(np.asarray(array), model.cfg), dtype=pdtype)
     if placement.check_complete(flat):
         flat["score/kernel"] = placement.score_head(seed)
+    if model.cfg.scan_layers:
+        flat = stack_layers(flat, model.cfg.num_layers)
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def params_to_hf_tensors(model: Model, params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
-    for path, value in traverse_util.flatten_dict(dict(params), sep="/").items():
+    for path, value in unstack_layers(traverse_util.flatten_dict(dict(params), sep="/")).items():
         found = _match(path, "flax")
         if found is None:
             raise ValueError(f"parameter {path!r} has no HF name; is this an mtjax model's param tree?")
@@ -371,7 +424,7 @@ def params_from_safetensors_sharded(model: Model, files: list[Path], mesh: Mesh,
     placement = _Placement(model, source)
     pdtype = jnp.dtype(cfg.param_dtype)
     shardings = traverse_util.flatten_dict(
-        tree_shardings(traverse_util.unflatten_dict(placement.expected, sep="/"), mesh, rules), sep="/")
+        tree_shardings(traverse_util.unflatten_dict(placement.model_shapes, sep="/"), mesh, rules), sep="/")
     with contextlib.ExitStack() as stack:
         sources: dict[str, tuple[Path, Any, str, _Layout]] = {}
         for f in files:
@@ -384,7 +437,10 @@ def params_from_safetensors_sharded(model: Model, files: list[Path], mesh: Mesh,
                     sources[target[0]] = (f, handle, name, target[1])
         new_score = placement.check_complete(sources)
 
-        def reader(f: Path, handle: Any, name: str, layout: _Layout, shape: tuple[int, ...]):
+        def reader(path: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+            f, handle, name, layout = sources[path]
+            shape = placement.expected[path].shape
+
             def read(index: tuple[slice, ...]) -> np.ndarray:
                 hf_index, finish = layout.hf_slice(index, shape, cfg)
                 with _reading(f):
@@ -392,9 +448,20 @@ def params_from_safetensors_sharded(model: Model, files: list[Path], mesh: Mesh,
                 return finish(block)
             return read
 
-        flat = {path: _sharded_array(placement.expected[path].shape, shardings[path], pdtype,
-                                     reader(*src, placement.expected[path].shape))
-                for path, src in sources.items()}
+        def stacked_reader(path: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+            """A `model/layers/X` shard: the same block of each of its layers' tensors, stacked."""
+            m = _STACKED.match(path)
+            per_layer = [reader(f"{m.group(1) or ''}layers_{i}/{m.group(2)}") for i in range(cfg.num_layers)]
+
+            def read(index: tuple[slice, ...]) -> np.ndarray:
+                layers = range(*index[0].indices(cfg.num_layers)) if index else range(cfg.num_layers)
+                return np.stack([per_layer[i](tuple(index[1:])) for i in layers])
+            return read
+
+        targets = [p for p in placement.model_shapes if p != "score/kernel" or not new_score]
+        flat = {path: _sharded_array(placement.model_shapes[path].shape, shardings[path], pdtype,
+                                     (stacked_reader if _STACKED.match(path) else reader)(path))
+                for path in targets}
     if new_score:
         head = np.asarray(placement.score_head(seed))  # [D, num_labels]: small, made whole on the host
         flat["score/kernel"] = _sharded_array(head.shape, shardings["score/kernel"], pdtype, head.__getitem__)
