@@ -33,7 +33,9 @@ from tqdm.auto import tqdm
 
 from mtjax import data
 from mtjax.distributed import barrier, is_primary
-from mtjax.rundir import RunDir
+from mtjax.divergence import DivergenceError, DivergenceGuard, nonfinite_count
+from mtjax.interrupts import Interrupted, stop_if_preempted
+from mtjax.rundir import RunDir, read_jsonl_prefix
 from mtjax.train_checkpoint import TrainCheckpoint, host_metrics
 
 RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
@@ -226,10 +228,12 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
                total: int, desc: str, log: Callable[[dict], None], mesh,
                checkpoint: TrainCheckpoint | None = None) -> tuple[Any, list[dict]]:
-    """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. With `checkpoint`, resumes
-    from its last save (skipping the batches already trained on) and saves as it goes."""
+    """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. Every step passes the divergence
+    guard (`mtjax.divergence`) before it counts. With `checkpoint`, resumes from its last save (skipping the
+    batches already trained on), saves as its policies say, and saves on Ctrl-C / SIGTERM / preemption."""
     from mtjax.sharding import shard_global_batch
 
+    guard = checkpoint.guard if checkpoint is not None and checkpoint.guard is not None else DivergenceGuard(desc)
     history: list[dict] = []
     restored = checkpoint.restore(state) if checkpoint is not None else None
     if restored is not None:
@@ -237,7 +241,9 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
         if is_primary():
             print(f"mtjax: {desc} resumes at step {len(history)} of {total} from {checkpoint.folder}", flush=True)
     start = len(history)
+    guard.start(state.params)
     pending = None  # metrics of a dispatched step whose row is not logged yet
+    interrupted = None
     with tqdm(total=total, initial=start, desc=desc, unit="step", disable=not is_primary()) as bar:
         try:
             seen = 0
@@ -248,18 +254,24 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                         continue
                     state, pending = step_fn(state, shard_global_batch(batch, mesh))
                     row = host_metrics(pending)
+                    guard.check(len(history) + 1, total, row, state.params,
+                                checkpoint.saved_step if checkpoint is not None else 0)
                     pending = None
                     history.append(row)
                     log({"step": len(history), "epoch": epoch, "train": row})
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row.get('accuracy', float('nan')):.2f}")
                     bar.update(1)
-                    if checkpoint is not None and len(history) < total and checkpoint.due(len(history)):
-                        checkpoint.save(state, history)
-        except KeyboardInterrupt:
-            if checkpoint is not None:
-                checkpoint.save_on_interrupt(
-                    state, history, pending, lambda row: log({"step": len(history), "train": row}))
-            raise
+                    if checkpoint is not None:
+                        checkpoint.after_step(state, history, total)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a preemption (saved in `after_step` already)
+            interrupted = e
+    if interrupted is not None:  # the progress bar is closed: the stop message gets a line of its own
+        if checkpoint is not None and not (isinstance(interrupted, Interrupted) and interrupted.saved):
+            interrupted = checkpoint.save_on_interrupt(
+                interrupted, state, history, pending, lambda row: log({"step": len(history), "train": row}), total)
+        raise interrupted
+    if checkpoint is not None:
+        checkpoint.close()
     return state, history
 
 
@@ -328,6 +340,63 @@ def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[Pai
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
+# ----------------------------------------------------------------------------- run-directory bookkeeping
+
+# Phase names: prompts, base_rm, iter_0/eval, iter_t/{e_step, m_step, eval, gate} (see the module docstring).
+_STEP_ORDER = ("e_step", "m_step", "eval", "gate")
+
+
+def _iteration_and_kind(phase: str) -> tuple[int, str]:
+    """"iter_2/e_step" -> (2, "e_step"); "base_rm" -> (-1, "base_rm")."""
+    if not phase.startswith("iter_"):
+        return -1, phase
+    iteration, kind = phase.split("/", 1)
+    return int(iteration.removeprefix("iter_")), kind
+
+
+def phase_independent_of(phase: str) -> tuple[str, ...]:
+    """The config sections that do not affect `phase`'s outputs (every other one does, sections added later
+    included): a finished phase does not block a change to them (see `mtjax.rundir`)."""
+    t, kind = _iteration_and_kind(phase)
+    if kind == "prompts":
+        return "sampling", "eval", "base_rm", "dpo", "rm", "mt"
+    if kind == "base_rm":
+        return "eval", "dpo", "rm", "mt"
+    if t == 0:  # iter_0/eval: π0 and r0
+        return "dpo", "rm", "mt"
+    return ("rm",) if kind == "e_step" else ()
+
+
+def _training_section(phase: str) -> str | None:
+    """The config section of the training a phase runs, if it trains."""
+    return {"base_rm": "base_rm", "e_step": "dpo", "m_step": "rm"}.get(_iteration_and_kind(phase)[1])
+
+
+def phase_depends_on(later: str, earlier: str, gated: bool) -> bool:
+    """Whether phase `later` reads what phase `earlier` wrote, directly or through the models and samples the
+    loop passes on (`gated`: the checkpoint gate is on, so evaluations decide which policy continues)."""
+    if later == earlier or later == "prompts":
+        return False
+    if earlier in ("prompts", "base_rm"):
+        return True
+    if later == "base_rm":
+        return False
+    (t, kind), (s, earlier_kind) = _iteration_and_kind(later), _iteration_and_kind(earlier)
+    if s == 0:  # iter_0/eval: every evaluation scores π0's samples too, and a gate may compare with them
+        return kind in ("eval", "gate") or (gated and t > 0)
+    if s == t:
+        return _STEP_ORDER.index(earlier_kind) < _STEP_ORDER.index(kind)
+    return s < t and (earlier_kind != "eval" or gated)
+
+
+def _say(message: str) -> None:
+    print(f"mtjax: {message}", flush=True)
+
+
+def _quiet(message: str) -> None:
+    del message
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -379,16 +448,39 @@ def validate_config(cfg: ConfigDict) -> None:
 class MutualTaught:
     """One run: holds the models, prompts and run directory; `run()` executes the remaining phases."""
 
-    def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False):
+    def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False, read_only: bool = False):
+        """`read_only`: open a run directory to read its models (`params_at`), writing nothing into it."""
         from mtjax.sharding import make_mesh
 
         validate_config(cfg)
         self.cfg = cfg
-        self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
+        if read_only:
+            self.rd = RunDir.open_read_only(workdir)
+        else:
+            self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
+            self._reconcile_run_directory()
         self.mesh = make_mesh(**cfg.mesh.to_dict())
         self.models = load_models(cfg, self.mesh)
-        self.splits = self._prompt_splits()
+        self.splits = {} if read_only else self._prompt_splits()
         self._prompt_ids: dict[str, list[list[int]]] = {}
+
+    def _reconcile_run_directory(self) -> None:
+        """Makes the run directory agree with this run: an unfinished phase drops what it made with settings
+        that have changed since, and a phase whose recorded artifact is missing or damaged is redone."""
+        say = _say if is_primary() else _quiet
+        changes = self.rd.accepted_changes
+        if changes:
+            say(f"{self.rd.path}: config changes accepted (no finished phase used them): "
+                f"{'; '.join(map(str, changes))}")
+        for phase in self.rd.in_flight():
+            touched = {c.section for c in changes} - set(phase_independent_of(phase))
+            if touched - {_training_section(phase)}:  # a change of its training settings alone keeps its samples
+                say(f"{phase} started with the former {', '.join(sorted(touched))} settings; starting it again")
+                self.rd.discard_in_flight(phase)
+                self.train_checkpoint(phase).clear()
+        gated = self.cfg.mt.gate_win_rate is not None
+        for message in self.rd.repair(lambda later, earlier: phase_depends_on(later, earlier, gated)):
+            say(message)
 
     @property
     def iterations(self) -> range:
@@ -436,6 +528,7 @@ class MutualTaught:
                 if is_primary():  # the others built the same splits; they read process 0's files
                     save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
                 barrier("mtjax-prompts")
+                self.rd.record_artifact("prompts")
                 summary.update({f"prompts_{k}": len(v) for k, v in splits.items()})
         return load_prompt_splits(self.rd.file("prompts"))
 
@@ -458,19 +551,31 @@ class MutualTaught:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Yields a summary dict to fill; on success the phase is recorded done with it and its wall time.
-        An exception (or Ctrl-C) leaves the phase unrecorded, so a rerun redoes only this phase (a training
-        phase from its last train-state save, see `mtjax.train_checkpoint`)."""
+        """Yields a summary dict to fill; on success the phase is recorded done with it and its wall time, and
+        the artifacts it wrote with their checksums. An exception (or Ctrl-C) leaves the phase unfinished, so
+        a rerun redoes only this phase (a training phase from its last train-state save, see
+        `mtjax.train_checkpoint`; a sampling pass after its last finished piece)."""
+        stop_if_preempted()
         start = time.perf_counter()
+        self.rd.start_phase(name, phase_independent_of(name))
         summary: dict[str, Any] = {}
-        yield summary
-        self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start})
+        try:
+            yield summary
+        except BaseException:
+            self.rd.abandon_phase()
+            raise
+        for message in self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start}):
+            if is_primary():
+                _say(message)
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
     def train_checkpoint(self, phase: str) -> TrainCheckpoint:
-        c = self.cfg.checkpoint
+        """The phase's train-state saves; its divergence guard names the learning rate to lower."""
+        c, section = self.cfg.checkpoint, _training_section(phase)
+        settings = self.cfg[section].to_dict() if section else None
+        guard = DivergenceGuard(phase, f"{section}.learning_rate", settings["learning_rate"]) if section else None
         return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.train_every_steps,
-                               every_seconds=c.train_every_seconds)
+                               every_seconds=c.train_every_seconds, guard=guard, settings=settings)
 
     def log(self, phase: str) -> Callable[[dict], None]:
         return lambda row: self.rd.log_metrics(_metrics_row(phase, row))
@@ -485,15 +590,18 @@ class MutualTaught:
         are kept in `NAME.partial.jsonl`, so an interrupted pass resumes with the next piece. Each prompt
         keeps its index in the split, hence its random draws."""
         path, partial = f"{phase}/{name}.jsonl", f"{phase}/{name}.partial.jsonl"
-        if not self.rd.file(path).exists():
+        if self.rd.file(path).exists():  # written by an earlier attempt at this phase
+            self.rd.record_artifact(path, keep_recorded=True)
+        else:
             prompts, ids = self.prompt_ids(split), self.splits[split]["prompt_id"]
-            rows = self.rd.read_jsonl(partial) if self.rd.file(partial).exists() else []
+            rows = self._whole_prompts(partial, ids, num_samples) if self.rd.file(partial).exists() else []
             piece = self.cfg.checkpoint.sample_every_prompts
-            first = len(rows) // num_samples  # pieces are whole prompts
+            first = len(rows) // num_samples
             if first and is_primary():
                 print(f"mtjax: {path}: resuming after {first} of {len(prompts)} prompts", flush=True)
             seconds = tokens = truncated = responses = 0
             for lo in range(first, len(prompts), piece):
+                stop_if_preempted()
                 start = time.perf_counter()
                 hi = min(lo + piece, len(prompts))
                 samples = sample_responses(self.models, params, prompts[lo:hi], num_samples,
@@ -505,6 +613,10 @@ class MutualTaught:
                     flat_r = [x.ids for s in samples for x in s]
                     scores = score_responses(self.models, rm_params, flat_p, flat_r, self.cfg.sampling.batch_size,
                                              self.mesh)
+                    if nonfinite_count(scores):
+                        raise DivergenceError(
+                            f"{phase}: the reward model gave {nonfinite_count(scores)} of {len(scores)} responses a "
+                            "reward that is not finite (its weights are broken); nothing of this piece was saved")
                     it = iter(scores.tolist())
                     rewards = [[next(it) for _ in s] for s in samples]
                 rows += [{"prompt_id": pid, "sample": k, "response_ids": list(x.ids), "stopped": x.stopped,
@@ -512,7 +624,7 @@ class MutualTaught:
                          for pid, s, rs in zip(ids[lo:hi], samples, rewards, strict=True)
                          for k, (x, r) in enumerate(zip(s, rs, strict=True))]
                 if hi < len(prompts):
-                    self.rd.write_jsonl(partial, rows)
+                    self.rd.write_jsonl(partial, rows, artifact=False)
                 seconds += time.perf_counter() - start
                 tokens += sum(len(x.ids) for s in samples for x in s)
                 truncated += sum(not x.stopped for s in samples for x in s)
@@ -528,6 +640,24 @@ class MutualTaught:
         samples = [[Sample(tuple(r["response_ids"]), r["stopped"]) for r in group] for group in groups]
         rewards = [[r["reward"] for r in group] for group in groups]
         return samples, rewards
+
+    def _whole_prompts(self, partial: str, prompt_ids: Sequence[str], num_samples: int) -> list[dict]:
+        """The rows of a partial samples file that form whole prompts, in the split's order (rows written by an
+        interrupted pass; anything after a damaged, missing or foreign row is sampled again)."""
+        rows, problem = read_jsonl_prefix(self.rd.file(partial))
+        good = 0
+        for j, row in enumerate(rows):
+            i, k = divmod(j, num_samples)
+            if i >= len(prompt_ids) or row.get("prompt_id") != prompt_ids[i] or row.get("sample") != k:
+                problem = f"{self.rd.file(partial)}: row {j + 1} is not sample {k} of prompt {i}"
+                break
+            good = j + 1
+        keep = good - good % num_samples
+        if problem is None and keep < len(rows):
+            problem = f"{self.rd.file(partial)}: its last prompt has {len(rows) - keep} of {num_samples} samples"
+        if problem is not None and is_primary():
+            print(f"mtjax: {problem}; keeping the first {keep // num_samples} whole prompts", flush=True)
+        return rows[:keep]
 
     def sample_rows(self, path: str, split: str) -> list[list[dict]]:
         """The stored rows of a samples file, grouped per prompt in the split's order."""
@@ -746,8 +876,15 @@ class MutualTaught:
         """(π_t, r_t) from the run directory; r_t is the latest RM at or before t (frozen runs keep r0)."""
         if t < 0 or t > self.iterations[-1]:
             raise ValueError(f"iteration {t} is outside 0..{self.iterations[-1]} of this run")
+        finished = ", ".join(self.rd.completed()) or "none"
         if t > 0 and not self.rd.done(f"iter_{t}/e_step"):
-            raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished: {self.rd.completed()})")
+            raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished phases: {finished})")
+        if t == 0 and self.cfg.base_rm.enabled and not self.rd.done("base_rm"):
+            raise ValueError(f"the base reward model r0 is not trained yet in {self.rd.path} (finished phases: "
+                             f"{finished})")
+        trains_rm = self.cfg.mt.rm_update != "frozen" and self.cfg.mt.schedule != "offline"
+        if t > 0 and trains_rm and not self.rd.done(f"iter_{t}/m_step"):
+            raise ValueError(f"iteration {t} has no reward model yet in {self.rd.path} (finished phases: {finished})")
         policy = self.models.policy_params if t == 0 else self.rd.load_params(f"iter_{t}/policy",
                                                                                like=self.models.policy_params)
         like = self.models.reward_init_params
