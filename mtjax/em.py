@@ -914,7 +914,7 @@ def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
     changes = [c for c in config_changes(theirs, cfg.to_dict()) if not c.startswith("mt.")]
     if changes:
         raise ConfigMismatchError(f"cannot share phases of {source}: configs differ outside `mt`: {'; '.join(changes)}")
-    src, dst = RunDir(source, theirs), RunDir(workdir, cfg.to_dict())
+    src, dst = RunDir.open_read_only(source), RunDir(workdir, cfg.to_dict())
     phases = {name: files for name, files in SHARED_PHASES.items() if src.done(name) and not dst.done(name)}
     dst.adopt_phases(src, phases)
     return list(phases)

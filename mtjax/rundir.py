@@ -447,21 +447,27 @@ class RunDir:
         return messages
 
     def _settle_waiting(self, record: dict, phase: str, same_outputs: bool) -> list[str]:
-        messages = []
-        for entry in list(record["phases"]):
-            if entry.get("state") != STALE or phase not in entry.get("waits_for", ()):
-                continue
-            if same_outputs:
-                entry["waits_for"].remove(phase)
-                if not entry["waits_for"]:
-                    entry["state"] = DONE
-                    entry.pop("waits_for")
-                    messages.append(f"{entry['name']} is kept: {phase} wrote the same outputs again")
-            else:
-                for rel in entry["artifacts"]:
-                    _remove(self.file(rel))
-                record["phases"].remove(entry)
-                messages.append(f"{entry['name']} will be redone: {phase} wrote different outputs")
+        """Settles the stale phases waiting for `phase`: kept once nothing they wait for changed, dropped (their
+        artifacts deleted) as soon as something did; either settles the phases waiting for them in turn."""
+        messages, settled = [], [(phase, same_outputs)]
+        while settled:
+            name, same = settled.pop(0)
+            for entry in list(record["phases"]):
+                if entry.get("state") != STALE or name not in entry.get("waits_for", ()):
+                    continue
+                if same:
+                    entry["waits_for"].remove(name)
+                    if not entry["waits_for"]:
+                        entry["state"] = DONE
+                        entry.pop("waits_for")
+                        messages.append(f"{entry['name']} is kept: {phase} wrote the same outputs again")
+                        settled.append((entry["name"], True))
+                else:
+                    for rel in entry["artifacts"]:
+                        _remove(self.file(rel))
+                    record["phases"].remove(entry)
+                    messages.append(f"{entry['name']} will be redone: {phase} wrote different outputs")
+                    settled.append((entry["name"], False))
         return messages
 
     def check_artifacts(self, phases: Iterable[str] | None = None) -> list[Damage]:

@@ -218,7 +218,9 @@ def test_export_loads_in_transformers(reference_run, tmp_path):
     from mtjax.export import export_iteration
 
     run, _ = reference_run
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rd.path.rglob("*")}
     paths = export_iteration(run.rd.path, 2, tmp_path)
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rd.path.rglob("*")} == before  # read only
     policy, reward = run.params_at(2)
     ids = np.asarray([run.prompt_ids("heldout_eval")[0]], np.int32)
     hf_policy = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"], torch_dtype=torch.float32)

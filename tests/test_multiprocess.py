@@ -1,8 +1,8 @@
 """Two processes on 127.0.0.1 (one CPU device each, gloo collectives) run the `tiny` preset end to end
-through `python -m mtjax.run`, are interrupted on one host, resume, and end with the same parameters
-and metrics as a single-process run over the same two-device mesh with the same seed."""
+through `python -m mtjax.run`, are preempted (SIGTERM) and interrupted (Ctrl-C) on one host, resume, and
+end with the same parameters and metrics as a single-process run over the same two-device mesh with the
+same seed."""
 
-import json
 import os
 import signal
 import socket
@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from mtjax.rundir import RunDir
+from mtjax.rundir import RunDir, RunDirError
 
 REPO = Path(__file__).parents[1]
 # The global mesh of conftest.tiny_config (2 devices, data-parallel); train-state saves after every step
@@ -65,8 +65,8 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 
 def _completed(workdir: Path) -> list[str]:
     try:
-        return [p["name"] for p in json.loads((workdir / "phases.json").read_text())]
-    except (FileNotFoundError, json.JSONDecodeError):
+        return RunDir.open_read_only(workdir).completed()
+    except (FileNotFoundError, RunDirError):
         return []
 
 
@@ -74,7 +74,20 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     workdir, logs = tmp_path / "two_processes", tmp_path / "logs"
     logs.mkdir()
 
-    # 1. A Ctrl-C on host 1 in the middle of the run ends both hosts (none waits forever) ...
+    # 1. SIGTERM on host 1 (what a preempting scheduler sends) stops both hosts at the same sync point, each
+    #    with one line, after a coordinated save if a training phase is in flight ...
+    procs = _launch(workdir, logs, "preempted")
+    while "prompts" not in _completed(workdir):
+        assert all(p.poll() is None for p in procs), (logs / "preempted_process_0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    assert _wait(procs, timeout=300) == [143, 143]
+    for pid in (0, 1):
+        log = (logs / f"preempted_process_{pid}.log").read_text()
+        assert "mtjax: stopped (preemption)" in log and "Traceback" not in log, log[-3000:]
+    assert "iter_2/eval" not in _completed(workdir)
+
+    # 2. A Ctrl-C on host 1 in the middle of the run ends both hosts (none waits forever) ...
     procs = _launch(workdir, logs, "interrupted")
     while "iter_1/e_step" not in _completed(workdir):
         assert all(p.poll() is None for p in procs), (logs / "interrupted_process_0.log").read_text()[-3000:]
@@ -86,7 +99,7 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     finished = _completed(workdir)
     assert "iter_2/eval" not in finished
 
-    # 2. ... and the same command resumes after the last finished phase.
+    # 3. ... and the same command resumes after the last finished phase.
     procs = _launch(workdir, logs, "resumed")
     codes = _wait(procs, timeout=400)
     out = (logs / "resumed_process_0.log").read_text()
@@ -95,11 +108,10 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     assert "policy/gold_reward" in out  # the end-of-run table, printed once by process 0
     assert "policy/gold_reward" not in (logs / "resumed_process_1.log").read_text()
 
-    # 3. A single process driving the same two-device mesh gives the same models and metrics.
+    # 4. A single process driving the same two-device mesh gives the same models and metrics.
     (code,) = _wait(_launch(tmp_path / "one_process", logs, "single", processes=1), timeout=400)
     assert code == 0, (logs / "single_process_0.log").read_text()[-3000:]
-    two = RunDir(workdir, json.loads((workdir / "config.json").read_text()))
-    single = RunDir(tmp_path / "one_process", json.loads((workdir / "config.json").read_text()))
+    two, single = RunDir.open_read_only(workdir), RunDir.open_read_only(tmp_path / "one_process")
     assert two.completed() == single.completed()
     for t in range(3):
         assert two.read_json(f"eval/iter_{t}.json") == single.read_json(f"eval/iter_{t}.json")

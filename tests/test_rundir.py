@@ -148,6 +148,19 @@ def test_a_damaged_artifact_redoes_its_phase_and_its_dependents_wait(tmp_path):
     assert run.completed() == ["a", "b", "c", "d"] and run.check_artifacts() == []
 
 
+def test_phases_waiting_on_each_other_are_all_kept_when_the_first_writes_the_same_bytes(tmp_path):
+    finished(tmp_path, "a", "b", "c")
+    (tmp_path / "a/out.jsonl").unlink()
+    run = RunDir(tmp_path, CONFIG)
+    run.repair(lambda later, earlier: earlier < later)  # every phase reads all earlier ones
+    assert run.completed() == []
+    run.start_phase("a", ("train",))
+    run.write_jsonl("a/out.jsonl", [{"phase": "a"}])
+    assert run.mark_done("a", {"rows": 1}) == ["b is kept: a wrote the same outputs again",
+                                               "c is kept: a wrote the same outputs again"]
+    assert run.completed() == ["a", "b", "c"]
+
+
 def test_a_redone_phase_with_new_outputs_drops_its_dependents(tmp_path):
     finished(tmp_path, "a", "b", "c")
     (tmp_path / "a/out.jsonl").write_text("{}\n")
