@@ -35,6 +35,7 @@ from mtjax import data
 from mtjax.distributed import barrier, is_primary
 from mtjax.divergence import DivergenceError, DivergenceGuard, nonfinite_count
 from mtjax.interrupts import Interrupted, stop_if_preempted
+from mtjax.phases import depends_on, independent_of, training_section
 from mtjax.rundir import RunDir, read_jsonl_prefix
 from mtjax.train_checkpoint import TrainCheckpoint, host_metrics
 
@@ -340,63 +341,6 @@ def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[Pai
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
 
-# ----------------------------------------------------------------------------- run-directory bookkeeping
-
-# Phase names: prompts, base_rm, iter_0/eval, iter_t/{e_step, m_step, eval, gate} (see the module docstring).
-_STEP_ORDER = ("e_step", "m_step", "eval", "gate")
-
-
-def _iteration_and_kind(phase: str) -> tuple[int, str]:
-    """"iter_2/e_step" -> (2, "e_step"); "base_rm" -> (-1, "base_rm")."""
-    if not phase.startswith("iter_"):
-        return -1, phase
-    iteration, kind = phase.split("/", 1)
-    return int(iteration.removeprefix("iter_")), kind
-
-
-def phase_independent_of(phase: str) -> tuple[str, ...]:
-    """The config sections that do not affect `phase`'s outputs (every other one does, sections added later
-    included): a finished phase does not block a change to them (see `mtjax.rundir`)."""
-    t, kind = _iteration_and_kind(phase)
-    if kind == "prompts":
-        return "sampling", "eval", "base_rm", "dpo", "rm", "mt"
-    if kind == "base_rm":
-        return "eval", "dpo", "rm", "mt"
-    if t == 0:  # iter_0/eval: π0 and r0
-        return "dpo", "rm", "mt"
-    return ("rm",) if kind == "e_step" else ()
-
-
-def _training_section(phase: str) -> str | None:
-    """The config section of the training a phase runs, if it trains."""
-    return {"base_rm": "base_rm", "e_step": "dpo", "m_step": "rm"}.get(_iteration_and_kind(phase)[1])
-
-
-def phase_depends_on(later: str, earlier: str, gated: bool) -> bool:
-    """Whether phase `later` reads what phase `earlier` wrote, directly or through the models and samples the
-    loop passes on (`gated`: the checkpoint gate is on, so evaluations decide which policy continues)."""
-    if later == earlier or later == "prompts":
-        return False
-    if earlier in ("prompts", "base_rm"):
-        return True
-    if later == "base_rm":
-        return False
-    (t, kind), (s, earlier_kind) = _iteration_and_kind(later), _iteration_and_kind(earlier)
-    if s == 0:  # iter_0/eval: every evaluation scores π0's samples too, and a gate may compare with them
-        return kind in ("eval", "gate") or (gated and t > 0)
-    if s == t:
-        return _STEP_ORDER.index(earlier_kind) < _STEP_ORDER.index(kind)
-    return s < t and (earlier_kind != "eval" or gated)
-
-
-def _say(message: str) -> None:
-    print(f"mtjax: {message}", flush=True)
-
-
-def _quiet(message: str) -> None:
-    del message
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -473,13 +417,13 @@ class MutualTaught:
             say(f"{self.rd.path}: config changes accepted (no finished phase used them): "
                 f"{'; '.join(map(str, changes))}")
         for phase in self.rd.in_flight():
-            touched = {c.section for c in changes} - set(phase_independent_of(phase))
-            if touched - {_training_section(phase)}:  # a change of its training settings alone keeps its samples
+            touched = {c.section for c in changes} - set(independent_of(phase))
+            if touched - {training_section(phase)}:  # a change of its training settings alone keeps its samples
                 say(f"{phase} started with the former {', '.join(sorted(touched))} settings; starting it again")
                 self.rd.discard_in_flight(phase)
                 self.train_checkpoint(phase).clear()
         gated = self.cfg.mt.gate_win_rate is not None
-        for message in self.rd.repair(lambda later, earlier: phase_depends_on(later, earlier, gated)):
+        for message in self.rd.repair(lambda later, earlier: depends_on(later, earlier, gated)):
             say(message)
 
     @property
@@ -557,7 +501,7 @@ class MutualTaught:
         `mtjax.train_checkpoint`; a sampling pass after its last finished piece)."""
         stop_if_preempted()
         start = time.perf_counter()
-        self.rd.start_phase(name, phase_independent_of(name))
+        self.rd.start_phase(name, independent_of(name))
         summary: dict[str, Any] = {}
         try:
             yield summary
@@ -571,7 +515,7 @@ class MutualTaught:
 
     def train_checkpoint(self, phase: str) -> TrainCheckpoint:
         """The phase's train-state saves; its divergence guard names the learning rate to lower."""
-        c, section = self.cfg.checkpoint, _training_section(phase)
+        c, section = self.cfg.checkpoint, training_section(phase)
         settings = self.cfg[section].to_dict() if section else None
         guard = DivergenceGuard(phase, f"{section}.learning_rate", settings["learning_rate"]) if section else None
         return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.train_every_steps,
@@ -1038,3 +982,11 @@ def _safe_accuracy(fn, score_fn, prompts, texts, **kwargs: Any) -> dict[str, Any
         return fn(score_fn, prompts, texts, **kwargs)
     except ValueError as e:  # every sample tied under the gold reward: no pair to judge
         return {"unavailable": 1, "reason_all_tied": 1 if "tie" in str(e) else 0}
+
+
+def _say(message: str) -> None:
+    print(f"mtjax: {message}", flush=True)
+
+
+def _quiet(message: str) -> None:
+    del message
