@@ -646,8 +646,8 @@ class RunDir:
                     tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
                     like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
                 return ckpt.restore(path, like)
-        except Exception as e:
-            raise RunDirError(f"{path}: damaged checkpoint ({first_line(e)})") from None
+        except Exception as e:  # a damaged folder (checksums catch recorded ones first), or a lost peer process
+            raise RunDirError(f"cannot read the checkpoint {path}: {first_line(e)}") from None
 
 
 def first_line(error: BaseException) -> str:
