@@ -303,6 +303,14 @@ class RunDir:
     def read_config(path: str | os.PathLike) -> dict:
         return RunDir.open_read_only(path).config
 
+    @staticmethod
+    def has_completed(path: str | os.PathLike, phase: str) -> bool:
+        """Whether the run directory at `path` (if there is one) recorded `phase` done; reads only."""
+        try:
+            return RunDir.open_read_only(path).done(phase)
+        except FileNotFoundError:
+            return False
+
     @property
     def config(self) -> dict:
         return self._read_record()["config"]

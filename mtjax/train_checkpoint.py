@@ -15,8 +15,9 @@ batch order is a function of the phase's seed and the epoch, so skipping the fir
 replays nothing and misses nothing.
 
 The saved state also records the training settings it was trained with (the config section): a rerun
-with other settings starts the phase's training afresh, except after a change of the learning rate alone
-(the way out of a divergence, `mtjax.divergence`), which resumes from the last good state. A damaged
+with other settings starts the phase's training afresh, except after a change of the learning rate (the
+way out of a divergence, `mtjax.divergence`) or of how steps are executed (`RESUMABLE_CHANGES`), which
+resumes from the last good state. A damaged
 saved state is reported and the training starts afresh.
 
 Layout, inside the phase's folder (`PHASE/train_state`): Orbax step folders `STEP/state` and
@@ -44,8 +45,9 @@ from mtjax.divergence import DivergenceError, DivergenceGuard
 from mtjax.interrupts import Interrupted, announce_save, preemption_reached, signal_name
 from mtjax.rundir import RunDir, RunDirError, first_line
 
-# Settings whose change still resumes a saved train state: lowering the learning rate after a divergence.
-RESUMABLE_CHANGES = ("learning_rate",)
+# Settings whose change still resumes a saved train state: the learning rate (lowered after a divergence) and
+# how a step is executed rather than what it computes (micro-batches accumulate exactly; logits chunking).
+RESUMABLE_CHANGES = ("learning_rate", "num_micro_batches", "logits_chunk")
 
 
 def host_metrics(metrics: Any) -> dict[str, float]:
