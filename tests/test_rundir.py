@@ -205,6 +205,8 @@ def test_read_only_opening_writes_nothing(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     run = RunDir.open_read_only(tmp_path)
     assert run.completed() == ["a"] and run.config == CONFIG
+    assert RunDir.has_completed(tmp_path, "a") and not RunDir.has_completed(tmp_path, "b")
+    assert not RunDir.has_completed(tmp_path / "nowhere", "a")
     with pytest.raises(RunDirError, match="read-only"):
         run.write_json("x.json", {})
     with pytest.raises(FileNotFoundError, match="not a run directory"):
