@@ -89,15 +89,19 @@ def fail_fast() -> Iterator[None]:
     except BaseException as e:
         if jax.process_count() == 1 or (isinstance(e, SystemExit) and not e.code):
             raise
+        if isinstance(e, SystemExit):  # a stop with its one-line message already printed (or as its code)
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            _exit_failed("stopped", with_traceback=False, code=e.code if isinstance(e.code, int) else 1)
         _exit_failed("failed", with_traceback=True)
     finally:
         signal.signal(signal.SIGINT, previous)
 
 
-def _exit_failed(what: str, with_traceback: bool) -> None:
+def _exit_failed(what: str, with_traceback: bool, code: int = 1) -> None:
     print(f"mtjax: process {jax.process_index()} of {jax.process_count()} {what}; ending the run", file=sys.stderr)
     if with_traceback:
         traceback.print_exc()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(1)
+    os._exit(code)

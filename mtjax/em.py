@@ -33,7 +33,10 @@ from tqdm.auto import tqdm
 from mtjax import data, settings, tracking
 from mtjax.device_memory import explain, is_out_of_memory, working_on
 from mtjax.distributed import barrier, is_primary
-from mtjax.rundir import RunDir
+from mtjax.divergence import DivergenceError, DivergenceGuard, nonfinite_count
+from mtjax.interrupts import Interrupted, stop_if_preempted
+from mtjax.phases import depends_on, independent_of, training_section
+from mtjax.rundir import RunDir, read_jsonl_prefix
 from mtjax.train_checkpoint import TrainCheckpoint, host_metrics
 
 # ----------------------------------------------------------------------------- models
@@ -190,10 +193,13 @@ def _num_steps(num_pairs: int, batch_size: int, epochs: int) -> int:
 def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int], Any], epochs: int,
                total: int, desc: str, log: Callable[[dict], None], mesh,
                checkpoint: TrainCheckpoint | None = None, section: str = "dpo") -> tuple[Any, list[dict]]:
-    """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. With `checkpoint`, resumes
-    from its last save (skipping the batches already trained on) and saves as it goes."""
+    """Runs `total` steps over `epochs` passes of `batches_per_epoch(epoch)`. Every step passes the divergence
+    guard (`mtjax.divergence`) before it counts. With `checkpoint`, resumes from its last save (skipping the
+    batches already trained on), saves as its policies say, and saves on Ctrl-C / SIGTERM / preemption.
+    `section` names the config section in out-of-memory messages."""
     from mtjax.sharding import shard_global_batch
 
+    guard = checkpoint.guard if checkpoint is not None and checkpoint.guard is not None else DivergenceGuard(desc)
     history: list[dict] = []
     restored = checkpoint.restore(state) if checkpoint is not None else None
     if restored is not None:
@@ -201,7 +207,9 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
         if is_primary():
             print(f"mtjax: {desc} resumes at step {len(history)} of {total} from {checkpoint.folder}", flush=True)
     start = len(history)
+    guard.start(state.params)
     pending = None  # metrics of a dispatched step whose row is not logged yet
+    interrupted = None
     with tqdm(total=total, initial=start, desc=desc, unit="step", disable=not is_primary()) as bar:
         try:
             seen = 0
@@ -214,19 +222,25 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                                (f"{section}.num_micro_batches", f"{_MODEL_OF[section]}.remat"))
                     state, pending = step_fn(state, shard_global_batch(batch, mesh))
                     row = host_metrics(pending)
+                    guard.check(len(history) + 1, total, row, state.params,
+                                checkpoint.saved_step if checkpoint is not None else 0)
                     pending = None
                     history.append(row)
                     log({"step": len(history), "epoch": epoch, "train": row})
                     accuracy = row.get("accuracy", row.get("rewards/accuracies", float("nan")))  # RM, DPO
                     bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{accuracy:.2f}")
                     bar.update(1)
-                    if checkpoint is not None and len(history) < total and checkpoint.due(len(history)):
-                        checkpoint.save(state, history)
-        except KeyboardInterrupt:
-            if checkpoint is not None:
-                checkpoint.save_on_interrupt(
-                    state, history, pending, lambda row: log({"step": len(history), "train": row}))
-            raise
+                    if checkpoint is not None:
+                        checkpoint.after_step(state, history, total)
+        except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, or a preemption (saved in `after_step` already)
+            interrupted = e
+    if interrupted is not None:  # the progress bar is closed: the stop message gets a line of its own
+        if checkpoint is not None and not (isinstance(interrupted, Interrupted) and interrupted.saved):
+            interrupted = checkpoint.save_on_interrupt(
+                interrupted, state, history, pending, lambda row: log({"step": len(history), "train": row}), total)
+        raise interrupted
+    if checkpoint is not None:
+        checkpoint.close()
     return state, history
 
 
@@ -318,7 +332,8 @@ class MutualTaught:
     library's dataclasses), the model sources against the settings (context length, stop ids), and the
     prompt set (read, measured in both chat templates, over-long prompts dropped and counted)."""
 
-    def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False):
+    def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False, read_only: bool = False):
+        """`read_only`: open a run directory to read its models (`params_at`), writing nothing into it."""
         from mtjax.sampling import SamplingConfig
         from mtjax.sharding import make_mesh
 
@@ -327,19 +342,42 @@ class MutualTaught:
         self.sampling = settings.build(SamplingConfig, cfg.sampling)
         self.mt = settings.build(settings.MTConfig, cfg.mt)
         self.eval_cfg = settings.build(_eval_config_class(), cfg.eval)
-        specs = describe_models(cfg)
-        self._check_contexts(specs)
-        if is_primary():
-            for spec in specs.values():
-                print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
-        built = None if RunDir.has_completed(workdir, "prompts") else self._build_prompt_splits(specs)
-        self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
-        self.tracker = tracking.MetricsWriter(self.rd, settings.build(tracking.TrackingConfig, cfg.logging),
-                                              run_config=cfg.to_dict())
+        self.specs = describe_models(cfg)
+        self._check_contexts(self.specs)
+        if read_only:
+            self.rd = RunDir.open_read_only(workdir)
+        else:
+            if is_primary():
+                for spec in self.specs.values():
+                    print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
+            # a new run's prompts are read and measured before its directory is written
+            built = None if RunDir.has_completed(workdir, "prompts") else self._build_prompt_splits(self.specs)
+            self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
+            self._reconcile_run_directory()
+            self.tracker = tracking.MetricsWriter(self.rd, settings.build(tracking.TrackingConfig, cfg.logging),
+                                                  run_config=cfg.to_dict())
         self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
-        self.models = load_models(specs, cfg.seed, self.mesh)
-        self.splits = self._prompt_splits(built)
+        self.models = load_models(self.specs, cfg.seed, self.mesh)
+        self.splits = {} if read_only else self._prompt_splits(built)
         self._prompt_ids: dict[str, list[list[int]]] = {}
+
+    def _reconcile_run_directory(self) -> None:
+        """Makes the run directory agree with this run: an unfinished phase drops what it made with settings
+        that have changed since, and a phase whose recorded artifact is missing or damaged is redone."""
+        say = _say if is_primary() else _quiet
+        changes = self.rd.accepted_changes
+        if changes:
+            say(f"{self.rd.path}: config changes accepted (no finished phase used them): "
+                f"{'; '.join(map(str, changes))}")
+        for phase in self.rd.in_flight():
+            touched = {c.section for c in changes} - set(independent_of(phase))
+            if touched - {training_section(phase)}:  # a change of its training settings alone keeps its samples
+                say(f"{phase} started with the former {', '.join(sorted(touched))} settings; starting it again")
+                self.rd.discard_in_flight(phase)
+                self.train_checkpoint(phase).clear()
+        gated = self.cfg.mt.gate_win_rate is not None
+        for message in self.rd.repair(lambda later, earlier: depends_on(later, earlier, gated)):
+            say(message)
 
     @property
     def scorer(self):
@@ -443,13 +481,14 @@ class MutualTaught:
         from mtjax.testbed.prompts import load_prompt_splits, save_prompt_splits
 
         if not self.rd.done("prompts"):
-            splits, gen_cfg, counts, records = built
+            splits, gen_cfg, counts, records = built or self._build_prompt_splits(self.specs)  # a redo
             with self.phase("prompts") as summary:
                 for name, rows in records.items():  # what the benchmarks judge against (references, pairs)
                     self.rd.write_jsonl(f"benchmarks/{name}.jsonl", rows)
                 if is_primary():  # the others built the same splits; they read process 0's files
                     save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
                 barrier("mtjax-prompts")
+                self.rd.record_artifact("prompts")
                 summary.update({f"prompts_{k}": len(v) for k, v in splits.items()})
                 summary.update(counts)
         return load_prompt_splits(self.rd.file("prompts"))
@@ -481,24 +520,33 @@ class MutualTaught:
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        """Yields a summary dict to fill; on success the phase is recorded done with it and its wall time.
-        An exception (or Ctrl-C) leaves the phase unrecorded, so a rerun redoes only this phase (a training
-        phase from its last train-state save, see `mtjax.train_checkpoint`)."""
+        """Yields a summary dict to fill; on success the phase is recorded done with it and its wall time, and
+        the artifacts it wrote with their checksums. An exception (or Ctrl-C) leaves the phase unfinished, so
+        a rerun redoes only this phase (a training phase from its last train-state save, see
+        `mtjax.train_checkpoint`; a sampling pass after its last finished piece)."""
+        stop_if_preempted()
         start = time.perf_counter()
+        self.rd.start_phase(name, independent_of(name))
         summary: dict[str, Any] = {}
         try:
             yield summary
-        except Exception as e:
-            if is_out_of_memory(e):  # one message that says what to lower; the phase resumes after the change
+        except BaseException as e:
+            self.rd.abandon_phase()
+            if isinstance(e, Exception) and is_out_of_memory(e):  # one message that says what to lower
                 raise explain(name, e) from e
             raise
-        self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start})
+        for message in self.rd.mark_done(name, {**summary, "wall_seconds": time.perf_counter() - start}):
+            if is_primary():
+                _say(message)
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
     def train_checkpoint(self, phase: str) -> TrainCheckpoint:
-        c = self.cfg.checkpoint
+        """The phase's train-state saves; its divergence guard names the learning rate to lower."""
+        c, section = self.cfg.checkpoint, training_section(phase)
+        settings = self.cfg[section].to_dict() if section else None
+        guard = DivergenceGuard(phase, f"{section}.learning_rate", settings["learning_rate"]) if section else None
         return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.train_every_steps,
-                               every_seconds=c.train_every_seconds)
+                               every_seconds=c.train_every_seconds, guard=guard, settings=settings)
 
     def log(self, phase: str) -> Callable[[dict], None]:
         """The logger of `phase`'s rows: metrics.jsonl and the tracking sinks (`mtjax.tracking`)."""
@@ -514,15 +562,18 @@ class MutualTaught:
         are kept in `NAME.partial.jsonl`, so an interrupted pass resumes with the next piece. Each prompt
         keeps its index in the split, hence its random draws."""
         path, partial = f"{phase}/{name}.jsonl", f"{phase}/{name}.partial.jsonl"
-        if not self.rd.file(path).exists():
+        if self.rd.file(path).exists():  # written by an earlier attempt at this phase
+            self.rd.record_artifact(path, keep_recorded=True)
+        else:
             prompts, ids, texts = self.prompt_ids(split), self.splits[split]["prompt_id"], self.prompts(split)
-            rows = self.rd.read_jsonl(partial) if self.rd.file(partial).exists() else []
+            rows = self._whole_prompts(partial, ids, num_samples) if self.rd.file(partial).exists() else []
             piece = self.cfg.checkpoint.sample_every_prompts
-            first = len(rows) // num_samples  # pieces are whole prompts
+            first = len(rows) // num_samples
             if first and is_primary():
                 print(f"mtjax: {path}: resuming after {first} of {len(prompts)} prompts", flush=True)
             seconds, num_partial_rows = 0.0, len(rows)
             for lo in range(first, len(prompts), piece):
+                stop_if_preempted()
                 start = time.perf_counter()
                 hi = min(lo + piece, len(prompts))
                 samples = sample_responses(self.models, params, prompts[lo:hi], num_samples,
@@ -534,6 +585,10 @@ class MutualTaught:
                     flat_t = [t for t, s in zip(texts[lo:hi], samples, strict=True) for _ in s]
                     flat_r = [x.ids for s in samples for x in s]
                     scores = self.scorer.score_ids(rm_params, flat_t, flat_p, flat_r)
+                    if nonfinite_count(scores):
+                        raise DivergenceError(
+                            f"{phase}: the reward model gave {nonfinite_count(scores)} of {len(scores)} responses a "
+                            "reward that is not finite (its weights are broken); nothing of this piece was saved")
                     it = iter(scores.tolist())
                     rewards = [[next(it) for _ in s] for s in samples]
                 rows += [{"prompt_id": pid, "sample": k, "response_ids": list(x.ids), "stopped": x.stopped,
@@ -541,7 +596,7 @@ class MutualTaught:
                          for pid, s, rs in zip(ids[lo:hi], samples, rewards, strict=True)
                          for k, (x, r) in enumerate(zip(s, rs, strict=True))]
                 if hi < len(prompts):
-                    self.rd.write_jsonl(partial, rows)
+                    self.rd.write_jsonl(partial, rows, artifact=False)
                 seconds += time.perf_counter() - start
             self.rd.write_jsonl(path, rows)
             if is_primary():
@@ -552,6 +607,24 @@ class MutualTaught:
         samples = [[Sample(tuple(r["response_ids"]), r["stopped"]) for r in group] for group in groups]
         rewards = [[r["reward"] for r in group] for group in groups]
         return samples, rewards
+
+    def _whole_prompts(self, partial: str, prompt_ids: Sequence[str], num_samples: int) -> list[dict]:
+        """The rows of a partial samples file that form whole prompts, in the split's order (rows written by an
+        interrupted pass; anything after a damaged, missing or foreign row is sampled again)."""
+        rows, problem = read_jsonl_prefix(self.rd.file(partial))
+        good = 0
+        for j, row in enumerate(rows):
+            i, k = divmod(j, num_samples)
+            if i >= len(prompt_ids) or row.get("prompt_id") != prompt_ids[i] or row.get("sample") != k:
+                problem = f"{self.rd.file(partial)}: row {j + 1} is not sample {k} of prompt {i}"
+                break
+            good = j + 1
+        keep = good - good % num_samples
+        if problem is None and keep < len(rows):
+            problem = f"{self.rd.file(partial)}: its last prompt has {len(rows) - keep} of {num_samples} samples"
+        if problem is not None and is_primary():
+            print(f"mtjax: {problem}; keeping the first {keep // num_samples} whole prompts", flush=True)
+        return rows[:keep]
 
     def sample_rows(self, path: str, split: str) -> list[list[dict]]:
         """The stored rows of a samples file, grouped per prompt in the split's order."""
@@ -784,8 +857,15 @@ class MutualTaught:
         """(π_t, r_t) from the run directory; r_t is the latest RM at or before t (frozen runs keep r0)."""
         if t < 0 or t > self.iterations[-1]:
             raise ValueError(f"iteration {t} is outside 0..{self.iterations[-1]} of this run")
+        finished = ", ".join(self.rd.completed()) or "none"
         if t > 0 and not self.rd.done(f"iter_{t}/e_step"):
-            raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished: {self.rd.completed()})")
+            raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished phases: {finished})")
+        if t == 0 and self.cfg.base_rm.enabled and not self.rd.done("base_rm"):
+            raise ValueError(f"the base reward model r0 is not trained yet in {self.rd.path} (finished phases: "
+                             f"{finished})")
+        trains_rm = self.cfg.mt.rm_update != "frozen" and self.cfg.mt.schedule != "offline"
+        if t > 0 and trains_rm and not self.rd.done(f"iter_{t}/m_step"):
+            raise ValueError(f"iteration {t} has no reward model yet in {self.rd.path} (finished phases: {finished})")
         policy = self.models.policy_params if t == 0 else self.rd.load_params(f"iter_{t}/policy",
                                                                                like=self.models.policy_params)
         like = self.models.reward_init_params
@@ -815,7 +895,7 @@ def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
     changes = [c for c in config_changes(theirs, cfg.to_dict()) if not c.startswith("mt.")]
     if changes:
         raise ConfigMismatchError(f"cannot share phases of {source}: configs differ outside `mt`: {'; '.join(changes)}")
-    src, dst = RunDir(source, theirs), RunDir(workdir, cfg.to_dict())
+    src, dst = RunDir.open_read_only(source), RunDir(workdir, cfg.to_dict())
     phases = {name: files for name, files in SHARED_PHASES.items() if src.done(name) and not dst.done(name)}
     dst.adopt_phases(src, phases)
     return list(phases)
@@ -890,3 +970,11 @@ def _safe_accuracy(fn, score_fn, prompts, texts, **kwargs: Any) -> dict[str, Any
         return fn(score_fn, prompts, texts, **kwargs)
     except ValueError as e:  # every sample tied under the gold reward: no pair to judge
         return {"unavailable": 1, "reason_all_tied": 1 if "tie" in str(e) else 0}
+
+
+def _say(message: str) -> None:
+    print(f"mtjax: {message}", flush=True)
+
+
+def _quiet(message: str) -> None:
+    del message

@@ -3,13 +3,14 @@
 
 Writes `DIR/policy` (`*ForCausalLM`) and `DIR/reward_model` (`*ForSequenceClassification`), each with
 config, safetensors and tokenizer, loadable by transformers (and vLLM for the policy). Iteration 0 is
-the base policy π0 and the base reward model r0.
+the base policy π0 and the base reward model r0. The run directory is only read (it may be read-only or
+in use by a running run); models the run has not produced yet (an untrained r0, a policy whose E-step has
+not finished) and checkpoints that differ from their recorded checksums are refused.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,11 +21,10 @@ def export_iteration(run_dir: str | Path, iteration: int, out: str | Path) -> di
 
     from mtjax.em import MutualTaught
     from mtjax.models import save_hf
+    from mtjax.rundir import RunDir
 
-    config_file = Path(run_dir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {config_file} is missing")
-    run = MutualTaught(ConfigDict(json.loads(config_file.read_text())), str(run_dir))
+    config = RunDir.open_read_only(run_dir).config
+    run = MutualTaught(ConfigDict(config), str(run_dir), read_only=True)
     policy, reward = run.params_at(iteration)
     out = Path(out)
     paths = {"policy": out / "policy", "reward_model": out / "reward_model"}
@@ -39,7 +39,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--iteration", type=int, required=True, help="0 = base models, t = after iteration t")
     parser.add_argument("--out", required=True, help="output folder (gets policy/ and reward_model/)")
     args = parser.parse_args(argv)
-    paths = export_iteration(args.run_dir, args.iteration, args.out)
+    from mtjax.rundir import RunDirError
+
+    try:
+        paths = export_iteration(args.run_dir, args.iteration, args.out)
+    except (FileNotFoundError, ValueError, RunDirError) as e:
+        sys.exit(f"mtjax.export: {e}")
     for name, path in paths.items():
         print(f"{name}: {path}")
 

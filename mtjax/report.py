@@ -1,10 +1,11 @@
 """Per-iteration report of a Mutual-Taught run: a table and PNG plots from the run directory's metrics.
 
-``python -m mtjax.report RUN_DIR`` reads, writes ``RUN_DIR/report/`` (``report.md``, ``metrics.csv``
-and one PNG per metric group) and prints the table. ``python -m mtjax.run`` calls :func:`write_report` at
-the end of a run; the EM driver writes ``metrics.jsonl`` through ``mtjax.tracking.MetricsWriter`` (which
-also feeds TensorBoard and W&B). :func:`record_metrics` appends a row to a run directory assembled by
-hand (scripts, tests): it reaches ``metrics.jsonl`` only, not the tracking sinks.
+``python -m mtjax.report RUN_DIR`` reads the run directory and prints the table, writing nothing;
+``--out DIR`` also writes ``report.md``, ``metrics.csv`` and one PNG per metric group into ``DIR``.
+``python -m mtjax.run`` calls :func:`write_report` at the end of a run (into ``RUN_DIR/report/``); the EM
+driver writes ``metrics.jsonl`` through ``mtjax.tracking.MetricsWriter`` (which also feeds TensorBoard and
+W&B). :func:`record_metrics` appends a row to a run directory assembled by hand (scripts, tests): it
+reaches ``metrics.jsonl`` only, not the tracking sinks.
 
 Input format (both sources optional; every value must be a number, other values are ignored):
 
@@ -237,9 +238,16 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m mtjax.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="run directory with metrics.jsonl and/or eval/*.json")
-    parser.add_argument("--out", default=None, help="output folder (default RUN_DIR/report)")
+    parser.add_argument("--out", default=None, help="also write report.md, metrics.csv and the plots into this "
+                        "folder (RUN_DIR/report to refresh the run's own); without it nothing is written")
     args = parser.parse_args(argv)
-    result = write_report(args.run_dir, args.out)
+    try:
+        if args.out is None:  # read-only: the run directory may be read-only, or in use by a running run
+            print(markdown_table(load_run_metrics(args.run_dir)))
+            return
+        result = write_report(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"mtjax.report: {e}")
     print(result["markdown"])
     print(f"\nwrote {result['report']}, {result['csv']} and {len(result['plots'])} plots")
 

@@ -1,8 +1,10 @@
 """Entry point: `python -m mtjax.run --config=configs/mt.py[:PRESET] [--config.a.b=value ...] [--workdir=DIR]`.
 
 Runs the Mutual-Taught loop (`mtjax.em`). Rerunning the same command on the same workdir resumes
-after the last finished phase; a workdir written by another config is refused unless
-`--override_config` is given.
+after the last finished phase; a workdir whose finished phases used other settings is refused unless
+`--override_config` is given. One run at a time per workdir (`mtjax.runlock`). Ctrl-C or SIGTERM stop the
+run with one line after saving the train state of a training phase in flight (`mtjax.interrupts`);
+errors a user can fix (a damaged file, a full disk, a diverged phase) end with one line naming it.
 
 Multi-host: run the same command on every host with `--num_processes=N --process_id=I
 --coordinator_address=HOST0:PORT`, or `--distributed` to let jax read them from the environment
@@ -78,6 +80,12 @@ def main(argv: list[str]) -> None:
         run_loop(cfg, _WORKDIR.value or f"runs/{cfg.preset}", say=print if distributed.is_primary() else _quiet)
 
 
+def _stop(message: str, code: int = 1) -> None:
+    """Ends the run with one line on stderr (SystemExit carries the code through `distributed.fail_fast`)."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
 def enable_compilation_cache(folder: str) -> None:
     """jax's persistent cache: a compiled program (train step, sampler) is reused by later phases with the
     same shapes, by resumed runs and by other processes of a multi-host run that share the folder."""
@@ -94,27 +102,46 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
+    """The run on `workdir`, holding its lock; stops with one line on an interrupt or an error a user can fix."""
+    import contextlib
+    from pathlib import Path
+
     import jax
 
-    from mtjax.em import MutualTaught
-    from mtjax.rundir import ConfigMismatchError
+    from mtjax.device_memory import OutOfDeviceMemory
+    from mtjax.distributed import is_primary
+    from mtjax.divergence import DivergenceError
+    from mtjax.interrupts import stop_message
+    from mtjax.rundir import RunDirError
+    from mtjax.runlock import RunDirLocked, exclusive_run_lock
 
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
     say(f"mtjax: Mutual-Taught, preset {cfg.preset!r}, workdir {workdir}, {jax.device_count()} "
         f"{jax.devices()[0].platform} devices{hosts}")
-    from mtjax.device_memory import OutOfDeviceMemory
+    try:
+        if is_primary():
+            Path(workdir).mkdir(parents=True, exist_ok=True)
+        with exclusive_run_lock(workdir, say) if is_primary() else contextlib.nullcontext():
+            _run(cfg, workdir, say)
+    except KeyboardInterrupt as e:
+        _stop(stop_message(e, workdir), getattr(e, "exit_code", 130))
+    except (RunDirError, RunDirLocked, DivergenceError, OutOfDeviceMemory) as e:
+        _stop(f"mtjax: {e}")
+    except OSError as e:  # the workdir or its lock file cannot be created (read-only, full, no permission)
+        _stop(f"mtjax: cannot use {e.filename or workdir} as the run directory: {e.strerror or e}")
+
+
+def _run(cfg, workdir: str, say: Callable[..., None]) -> None:
+    from mtjax.em import MutualTaught
 
     try:
         run = MutualTaught(cfg, workdir, allow_config_change=_OVERRIDE.value)
-    except (ValueError, ConfigMismatchError) as e:
-        sys.exit(f"mtjax: {e}")
+    except ValueError as e:
+        _stop(f"mtjax: {e}")
     done = [p for p in run.rd.completed() if p != "prompts"]
     if done:
         say(f"mtjax: resuming; finished phases: {', '.join(done)}")
-    try:
-        run.run()
-    except OutOfDeviceMemory as e:
-        sys.exit(f"mtjax: {e}")
+    run.run()
     from mtjax.distributed import is_primary
     from mtjax.report import write_report
 
@@ -143,4 +170,11 @@ def parse_flags_or_exit(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags_or_exit)
+    from mtjax.interrupts import handle_signals, stop_message
+
+    with handle_signals():
+        try:
+            app.run(main, flags_parser=parse_flags_or_exit)
+        except KeyboardInterrupt as e:  # during start-up, before the run directory is known
+            print(stop_message(e, "the run directory"), file=sys.stderr)
+            sys.exit(getattr(e, "exit_code", 130))

@@ -688,7 +688,9 @@ def fingerprint_params(params: Any) -> str:
 
 class ReferenceLogprobCache:
     """Reference log-probs keyed by (data, reference params, model config, averaging), in memory and
-    optionally as `.npz` files under `directory` so a resumed run does not recompute them."""
+    optionally as `.npz` files under `directory` so a resumed run does not recompute them. Each file holds
+    a SHA-256 of its key and values: a file that does not match (damaged, or other values put in its place)
+    is reported and recomputed, never used."""
 
     def __init__(self, directory: str | os.PathLike | None = None):
         self._memory: dict[str, dict[str, np.ndarray]] = {}
@@ -697,14 +699,30 @@ class ReferenceLogprobCache:
     def _path(self, key: str) -> Path | None:
         return None if self._directory is None else self._directory / f"reference_logps_{key}.npz"
 
+    @staticmethod
+    def _checksum(key: str, value: Mapping[str, np.ndarray]) -> str:
+        digest = hashlib.sha256(key.encode())
+        for name in REFERENCE_KEYS:
+            array = np.ascontiguousarray(value[name], np.float32)
+            digest.update(f"{name}{array.shape}".encode() + array.tobytes())
+        return digest.hexdigest()
+
     def get(self, key: str) -> dict[str, np.ndarray] | None:
         if key in self._memory:
             return self._memory[key]
         path = self._path(key)
         if path is not None and path.exists():
-            with np.load(path) as stored:
-                self._memory[key] = {name: stored[name] for name in REFERENCE_KEYS}
-            return self._memory[key]
+            try:
+                with np.load(path) as stored:
+                    value = {name: stored[name] for name in REFERENCE_KEYS}
+                    intact = str(stored["checksum"]) == self._checksum(key, value)
+            except (OSError, ValueError, KeyError, EOFError):
+                intact = False
+            if not intact:
+                print(f"mtjax: {path} does not match its checksum (damaged or replaced); recomputing it", flush=True)
+                return None
+            self._memory[key] = value
+            return value
         return None
 
     def put(self, key: str, value: dict[str, np.ndarray]) -> None:
@@ -713,7 +731,7 @@ class ReferenceLogprobCache:
         if path is not None and jax.process_index() == 0:  # every process holds the same values
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp.npz")
-            np.savez(tmp, **value)
+            np.savez(tmp, checksum=np.asarray(self._checksum(key, value)), **value)
             os.replace(tmp, path)
 
 

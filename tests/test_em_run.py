@@ -119,7 +119,7 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
             run.run()
     assert run.rd.completed() == PHASES[:4]
     assert run.rd.file("iter_1/m_step/new_policy_samples.jsonl").exists()  # kept for the rerun
-    assert len(run.rd.read_json("iter_1/m_step/train_state/history.json")) == rm_steps - 1
+    assert run.train_checkpoint("iter_1/m_step").latest_step() == rm_steps - 1
 
     # 2. Ctrl-C after DPO step 1 of iteration 2, no periodic saves: the interrupt itself saves the state.
     with monkeypatch.context() as m:
@@ -129,7 +129,7 @@ def test_resume_after_interruptions_equals_uninterrupted_run(reference_run, tmp_
             run.run()
     assert run.rd.completed() == PHASES[:6]
     assert not run.rd.file("iter_1/m_step/train_state").exists()  # removed once its phase was recorded
-    assert len(run.rd.read_json("iter_2/e_step/train_state/history.json")) == 1
+    assert run.train_checkpoint("iter_2/e_step").latest_step() == 1
 
     run = MutualTaught(tiny_config(), workdir)
     results = run.run()
@@ -261,7 +261,9 @@ def test_export_loads_in_transformers(reference_run, tmp_path):
     from mtjax.export import export_iteration
 
     run, _ = reference_run
+    before = {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rd.path.rglob("*")}
     paths = export_iteration(run.rd.path, 2, tmp_path)
+    assert {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rd.path.rglob("*")} == before  # read only
     policy, reward = run.params_at(2)
     ids = np.asarray([run.prompt_ids("heldout_eval")[0]], np.int32)
     hf_policy = transformers.AutoModelForCausalLM.from_pretrained(paths["policy"], torch_dtype=torch.float32)

@@ -1,8 +1,8 @@
 """Two processes on 127.0.0.1 (one CPU device each, gloo collectives) run the `tiny` preset end to end
-through `python -m mtjax.run`, are interrupted on one host, resume, and end with the same parameters
-and metrics as a single-process run over the same two-device mesh with the same seed."""
+through `python -m mtjax.run`, are preempted (SIGTERM) and interrupted (Ctrl-C) on one host, resume, and
+end with the same parameters and metrics as a single-process run over the same two-device mesh with the
+same seed."""
 
-import json
 import os
 import signal
 import socket
@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from mtjax.rundir import RunDir
+from mtjax.rundir import RunDir, RunDirError
 
 REPO = Path(__file__).parents[1]
 # The global mesh of conftest.tiny_config (2 devices, data-parallel); train-state saves after every step
-# exercise the collective mid-phase checkpoint (operational: the single-process reference needs none).
-OVERRIDES = ["--config.mesh.data=2", "--config.checkpoint.train_every_steps=1"]
+# exercise the collective mid-phase checkpoint (operational: the single-process reference needs none);
+# the M-step trains for 3 epochs (9 steps) so that a preemption notice sent as it starts lands before it ends.
+OVERRIDES = ["--config.mesh.data=2", "--config.checkpoint.train_every_steps=1", "--config.rm.epochs=3"]
 CHECKPOINTS = ("base_rm/reward_model", "iter_1/policy", "iter_1/reward_model", "iter_2/policy", "iter_2/reward_model")
 
 
@@ -65,8 +66,8 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> list[int]:
 
 def _completed(workdir: Path) -> list[str]:
     try:
-        return [p["name"] for p in json.loads((workdir / "phases.json").read_text())]
-    except (FileNotFoundError, json.JSONDecodeError):
+        return RunDir.open_read_only(workdir).completed()
+    except (FileNotFoundError, RunDirError):
         return []
 
 
@@ -74,9 +75,22 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     workdir, logs = tmp_path / "two_processes", tmp_path / "logs"
     logs.mkdir()
 
-    # 1. A Ctrl-C on host 1 in the middle of the run ends both hosts (none waits forever) ...
+    # 1. SIGTERM on host 1 (what a preempting scheduler sends) as iteration 1's M-step starts training: both
+    #    hosts stop at the same sync point, save the train state together, and end with one line each ...
+    procs = _launch(workdir, logs, "preempted")
+    while not (workdir / "iter_1/m_step/old_policy_samples.jsonl").exists():
+        assert all(p.poll() is None for p in procs), (logs / "preempted_process_0.log").read_text()[-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    assert _wait(procs, timeout=300) == [143, 143]
+    for pid in (0, 1):
+        log = (logs / f"preempted_process_{pid}.log").read_text()
+        assert "mtjax: stopped (preemption); the train state at step" in log and "Traceback" not in log, log[-3000:]
+    assert "iter_1/m_step" not in _completed(workdir) and (workdir / "iter_1/m_step/train_state").is_dir()
+
+    # 2. A Ctrl-C on host 1 in the middle of the run ends both hosts (none waits forever) ...
     procs = _launch(workdir, logs, "interrupted")
-    while "iter_1/e_step" not in _completed(workdir):
+    while "iter_1/eval" not in _completed(workdir):
         assert all(p.poll() is None for p in procs), (logs / "interrupted_process_0.log").read_text()[-3000:]
         time.sleep(0.2)
     procs[1].send_signal(signal.SIGINT)
@@ -86,7 +100,7 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     finished = _completed(workdir)
     assert "iter_2/eval" not in finished
 
-    # 2. ... and the same command resumes after the last finished phase.
+    # 3. ... and the same command resumes after the last finished phase.
     procs = _launch(workdir, logs, "resumed")
     codes = _wait(procs, timeout=400)
     out = (logs / "resumed_process_0.log").read_text()
@@ -95,11 +109,10 @@ def test_two_processes_equal_one_process_and_survive_a_lost_host(tmp_path):
     assert "policy/gold_reward" in out  # the end-of-run table, printed once by process 0
     assert "policy/gold_reward" not in (logs / "resumed_process_1.log").read_text()
 
-    # 3. A single process driving the same two-device mesh gives the same models and metrics.
+    # 4. A single process driving the same two-device mesh gives the same models and metrics.
     (code,) = _wait(_launch(tmp_path / "one_process", logs, "single", processes=1), timeout=400)
     assert code == 0, (logs / "single_process_0.log").read_text()[-3000:]
-    two = RunDir(workdir, json.loads((workdir / "config.json").read_text()))
-    single = RunDir(tmp_path / "one_process", json.loads((workdir / "config.json").read_text()))
+    two, single = RunDir.open_read_only(workdir), RunDir.open_read_only(tmp_path / "one_process")
     assert two.completed() == single.completed()
     for t in range(3):
         assert two.read_json(f"eval/iter_{t}.json") == single.read_json(f"eval/iter_{t}.json")

@@ -24,8 +24,9 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 
 def phase_summary(run_dir: Path, name: str) -> dict:
-    phases = json.loads((run_dir / "phases.json").read_text())
-    return next(p["summary"] for p in phases if p["name"] == name)
+    from mtjax.rundir import RunDir
+
+    return RunDir.open_read_only(run_dir).summary(name)
 
 
 def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
