@@ -11,6 +11,8 @@ import pytest
 from hub_cache import add_dataset, add_dataset_file, add_model
 from tiny_llama3 import EOT, LLAMA3_TEMPLATE, RM_TEMPLATE, WORDS, save_policy, save_reward_model
 
+from mtjax.rundir import RunDir
+
 ROOT = Path(__file__).parents[1]
 SIZES = ["--config.prompts.policy=(4,4)", "--config.prompts.reward_model=4", "--config.prompts.base_rm_labels=2",
          "--config.prompts.heldout_eval=2", "--config.prompts.max_prompt_tokens=64",
@@ -70,21 +72,21 @@ def test_models_come_from_hub_ids_and_stop_on_the_generation_configs_eot(paper_r
     workdir, stdout, _, _ = paper_run
     assert "policy meta-llama/Meta-Llama-3-8B-Instruct: stop ids 128001 (config.json+generation_config.json" \
            "+tokenizer), 128009 (generation_config.json)" in stdout
-    phases = [p["name"] for p in json.loads((workdir / "phases.json").read_text())]
+    run = RunDir.open_read_only(workdir)
+    phases = run.completed()
     assert phases == ["prompts", "iter_0/eval", "iter_1/e_step", "iter_1/m_step", "iter_1/eval", "iter_2/e_step",
                       "iter_2/m_step", "iter_2/eval"]  # no r0 phase: FsfairX is already a trained RM
     rows = [json.loads(line) for line in (workdir / "iter_1/e_step/samples.jsonl").read_text().splitlines()]
     stopped = [r for r in rows if r["stopped"]]
     assert stopped and all(r["response_ids"][-1] == EOT for r in stopped)
     assert not any(128001 in r["response_ids"] for r in rows)
-    summary = next(p["summary"] for p in json.loads((workdir / "phases.json").read_text())
-                   if p["name"] == "iter_1/e_step")
+    summary = run.summary("iter_1/e_step")
     assert summary["pairs"] >= 1 and summary["trained_pairs"] >= 1
 
 
 def test_over_long_prompts_are_dropped_and_counted_before_sampling(paper_run):
     workdir = paper_run[0]
-    summary = json.loads((workdir / "phases.json").read_text())[0]["summary"]
+    summary = RunDir.open_read_only(workdir).summary("prompts")
     assert summary["dropped_longer_than_max_prompt_tokens"] == 1  # the long UltraFeedback prompt
     assert summary["bench_arena_hard_dropped_longer_than_max_prompt_tokens"] == 1
     assert summary["prompts_policy_1"] == summary["prompts_policy_2"] == summary["prompts_reward_model"] == 4

@@ -138,18 +138,19 @@ def test_a_diverging_phase_stops_saves_nothing_and_resumes_with_a_lower_learning
     ref, ref_results = reference
     path = copy_run(reference, tmp_path, keep=3)  # prompts, r0 and iteration 0's evaluation are done
     cfg = tiny_config()
-    cfg.dpo.learning_rate = float("inf")
+    cfg.dpo.learning_rate = 1e6  # finite (an infinite one is refused by the config check before any work)
     run = MutualTaught(cfg, str(path))
     with pytest.raises(DivergenceError) as caught:
         run.run()
     message = str(caught.value)
     assert message.startswith("iter_1/e_step: training diverged at step 1 of ")
-    assert "Lower dpo.learning_rate (now inf) and rerun the same command: the phase resumes from its start" in message
+    assert "Lower dpo.learning_rate (now 1000000.0) and rerun the same command: the phase resumes from its " \
+           "start" in message
     assert not (path / "iter_1/policy").exists() and not (path / "iter_1/e_step/train_state").exists()
     assert run.rd.completed() == PHASES[:3] and run.rd.in_flight() == ["iter_1/e_step"]
 
     run = MutualTaught(tiny_config(), str(path))  # the corrected value: accepted, the samples are kept
-    assert "config changes accepted (no finished phase used them): dpo.learning_rate: inf -> 0.001" in \
+    assert "config changes accepted (no finished phase used them): dpo.learning_rate: 1000000.0 -> 0.001" in \
         capsys.readouterr().out
     assert run.rd.file("iter_1/e_step/samples.jsonl").exists()
     results = run.run()

@@ -45,10 +45,12 @@ def test_report_renders_table_csv_and_pngs(tmp_path, capsys) -> None:
     assert table[2]["policy/ifeval/prompt_level_strict"] == 0.25
     assert "note" not in table[1] and "phase" not in table[1]
 
-    report.main([str(run_dir)])
-    printed = capsys.readouterr().out
-    assert "| policy/gold_reward | 0.31 | 0.38 | 0.44 |" in printed
+    report.main([str(run_dir)])  # without --out it only reads (the run directory may be in use)
+    assert "| policy/gold_reward | 0.31 | 0.38 | 0.44 |" in capsys.readouterr().out
+    assert not (run_dir / "report").exists()
     out = run_dir / "report"
+    report.main([str(run_dir), "--out", str(out)])
+    assert "| policy/gold_reward | 0.31 | 0.38 | 0.44 |" in capsys.readouterr().out
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == [
         "lengths.png",

@@ -49,10 +49,12 @@ def test_a_change_is_refused_only_where_a_finished_phase_used_it(tmp_path):
     assert [str(c) for c in run.accepted_changes] == ["train.lr: 0.001 -> 0.0001"]
     assert json.loads((tmp_path / "config.json").read_text())["train"] == {"lr": 1e-4}
     assert run.config["train"] == {"lr": 1e-4}  # the record follows
-    # ... and so may how the run saves its work; a new section counts as used (conservative).
+    # ... and so may how the run saves its work and where it reports; a new section counts as used
+    # (conservative).
     RunDir(tmp_path, {**CONFIG, "train": {"lr": 1e-4}, "checkpoint": {"train_every_steps": 5}})
-    with pytest.raises(ConfigMismatchError, match=r"logging: '<absent>' -> \{'wandb': True\}"):
-        RunDir(tmp_path, {**CONFIG, "train": {"lr": 1e-4}, "logging": {"wandb": True}})
+    RunDir(tmp_path, {**CONFIG, "train": {"lr": 1e-4}, "logging": {"wandb": True}})
+    with pytest.raises(ConfigMismatchError, match=r"reward: '<absent>' -> \{'beta': 2\}"):
+        RunDir(tmp_path, {**CONFIG, "train": {"lr": 1e-4}, "reward": {"beta": 2}})
     RunDir(tmp_path, {**CONFIG, "model": {"lr": 2e-6}}, allow_config_change=True)  # --override_config
 
 
