@@ -9,7 +9,6 @@ exactly on response tokens, the EOS included; prompt and padding tokens are 0.
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -141,27 +140,3 @@ def collate_pairs(chosen: Sequence[Completion], rejected: Sequence[Completion], 
 
 
 # ----------------------------------------------------------------------------- prompt partition
-
-
-def partition_prompts(prompt_ids: Sequence[str], num_policy_splits: int, seed: int,
-                      reward_fraction: float | None = None) -> dict[str, list[str]]:
-    """Splits prompt ids once into `policy_1..policy_T` and `reward` (disjoint, seeded, recorded).
-
-    Default: T+1 equal parts (the paper: thirds for T=2). Remainders go to the policy splits in
-    order; no prompt is dropped."""
-    ids = list(prompt_ids)
-    if len(set(ids)) != len(ids):
-        dupes = [k for k, n in Counter(ids).items() if n > 1][:5]
-        raise ValueError(f"prompt ids must be unique; duplicated: {dupes}")
-    if num_policy_splits < 1:
-        raise ValueError(f"num_policy_splits={num_policy_splits} must be >= 1")
-    fraction = 1.0 / (num_policy_splits + 1) if reward_fraction is None else reward_fraction
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"reward_fraction={reward_fraction} must be in (0, 1)")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    shuffled = [ids[i] for i in order]
-    n_reward = int(round(len(ids) * fraction))
-    splits = {"reward": shuffled[:n_reward]}
-    for t, part in enumerate(np.array_split(np.arange(n_reward, len(ids)), num_policy_splits), start=1):
-        splits[f"policy_{t}"] = [shuffled[i] for i in part]
-    return splits

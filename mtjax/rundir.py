@@ -638,9 +638,6 @@ class RunDir:
         """Restores a param pytree; `like` (arrays or ShapeDtypeStructs with shardings) places it. Without
         `like` it lands on this process's first device, whatever topology wrote it. A read-only run directory
         checks the checkpoint against its recorded checksum first."""
-        import jax
-        import orbax.checkpoint as ocp
-
         path = self.file(relpath).absolute()
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}; the run directory is incomplete")
@@ -649,16 +646,29 @@ class RunDir:
                 if relpath in entry["artifacts"] and (problem := _damage(path, entry["artifacts"][relpath])):
                     raise RunDirError(f"{path} {problem} since {entry['name']} wrote it; rerun the run's command "
                                       f"to redo {entry['name']}")
-        try:
-            with ocp.StandardCheckpointer() as ckpt:
-                if like is None:
-                    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-                    meta = ckpt.metadata(path)  # orbax versions differ in how they wrap the tree
-                    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-                    like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-                return ckpt.restore(path, like)
-        except Exception as e:  # a damaged folder (checksums catch recorded ones first), or a lost peer process
-            raise RunDirError(f"cannot read the checkpoint {path}: {first_line(e)}") from None
+        return restore_params(path, like)
+
+
+def restore_params(path: str | os.PathLike, like: Any = None) -> Any:
+    """The param pytree of the Orbax checkpoint folder `path`; `like` (arrays or ShapeDtypeStructs with
+    shardings) places it, without it it lands on this process's first device. A missing or damaged folder is
+    one `RunDirError` naming it."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not path.exists():
+        raise RunDirError(f"no checkpoint at {path}")
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            if like is None:
+                device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                meta = ckpt.metadata(path)  # orbax versions differ in how they wrap the tree
+                tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+                like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            return ckpt.restore(path, like)
+    except Exception as e:  # a damaged folder (checksums catch recorded ones first), or a lost peer process
+        raise RunDirError(f"cannot read the checkpoint {path}: {first_line(e)}") from None
 
 
 def first_line(error: BaseException) -> str:

@@ -32,14 +32,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from mtjax.device_memory import working_on
 from mtjax.models import init_cache
+from mtjax.sharding import batch_divisor, batch_sharding, to_global
 
 __all__ = [
-    "Generation", "SamplingConfig", "TRACE_COUNTS", "bucket_length", "count_truncated", "decode", "dedup_per_prompt",
+    "Generation", "SamplingConfig", "TRACE_COUNTS", "bucket_length", "count_truncated", "decode",
     "filter_logits", "generate", "sample_logits", "score", "strip_stop",
 ]
 
@@ -52,7 +51,6 @@ TRACE_SHAPES: collections.Counter[tuple[int, int, int]] = collections.Counter()
 # earlier behaviour, kept as the reference the tests compare against; same draws either way).
 SHARE_PREFILL = True
 
-_BATCH_AXES = ("data", "fsdp")
 _BATCH_SETTINGS = ("sampling.max_batch_tokens", "sampling.batch_size")  # what an OOM message tells to lower
 
 
@@ -342,15 +340,6 @@ def _check_ids(name: str, seqs: Sequence[Sequence[int]], vocab: int, allow_empty
     return out
 
 
-def _batch_divisor(mesh) -> int:
-    if mesh is None:
-        return 1
-    missing = [a for a in _BATCH_AXES if a not in mesh.shape]
-    if missing:
-        raise ValueError(f"mesh has axes {tuple(mesh.shape)}; the batch is split over {_BATCH_AXES}, missing {missing}")
-    return math.prod(mesh.shape[a] for a in _BATCH_AXES)
-
-
 def _padded_rows(n_rows: int, batch_size: int, divisor: int) -> int:
     """Rows a batch of `n_rows` is padded to: `batch_size`, or a smaller power of two for a small last batch
     (a few extra compiled shapes at most), always a multiple of the mesh's batch divisor."""
@@ -390,9 +379,7 @@ def _budget_chunks(items: Sequence[Any], tokens_per_item: Callable[[Any], int], 
 def _place(arrays: Iterable[np.ndarray], mesh) -> list[jax.Array]:
     if mesh is None:
         return [jnp.asarray(a) for a in arrays]
-    from mtjax.sharding import to_global
-
-    sharding = NamedSharding(mesh, P(_BATCH_AXES))
+    sharding = batch_sharding(mesh)
     return [to_global(a, sharding) for a in arrays]  # every process holds the full host arrays
 
 
@@ -470,7 +457,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     eos = tuple(_check_int("eos_token_ids[]", int(e) if isinstance(e, np.integer) else e, 0) for e in eos_token_ids)
     if pad_token_id >= cfg.vocab_size or any(e >= cfg.vocab_size for e in eos):
         raise ValueError(f"pad_token_id / eos_token_ids must be < vocab_size={cfg.vocab_size}")
-    divisor = _batch_divisor(mesh)
+    divisor = batch_divisor(mesh)
     if batch_size % divisor:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data*fsdp size {divisor}")
     rows = _check_ids("prompts", prompts, cfg.vocab_size, allow_empty=False)
@@ -561,7 +548,7 @@ def score(reward_model, params, prompts: Sequence[Sequence[int]], responses: Seq
     r_rows = _check_ids("responses", responses, cfg.vocab_size, allow_empty=True)
     if len(p_rows) != len(r_rows):
         raise ValueError(f"prompts and responses must pair up: {len(p_rows)} prompts vs {len(r_rows)} responses")
-    divisor = _batch_divisor(mesh)
+    divisor = batch_divisor(mesh)
     if batch_size % divisor:
         raise ValueError(f"batch_size={batch_size} must be a multiple of the mesh's data*fsdp size {divisor}")
     seqs = [np.concatenate([p, r]) for p, r in zip(p_rows, r_rows, strict=True)]
@@ -612,22 +599,6 @@ def decode(tokenizer: Any, ids: Sequence[int] | Generation, stop_ids: Iterable[i
            skip_special_tokens: bool = True) -> str:
     """Text of a response, trailing stop ids removed."""
     return tokenizer.decode(list(strip_stop(ids, stop_ids)), skip_special_tokens=skip_special_tokens)
-
-
-def dedup_per_prompt(generations: Sequence[Sequence[Any]]) -> list[list[Any]]:
-    """Drops exact duplicate responses (same token ids) within each prompt, keeping first occurrences in order.
-    Count what was dropped with `sum(map(len, before)) - sum(map(len, after))`."""
-    out = []
-    for per_prompt in generations:
-        seen: set[tuple[int, ...]] = set()
-        kept = []
-        for g in per_prompt:
-            key = _ids_of(g)
-            if key not in seen:
-                seen.add(key)
-                kept.append(g)
-        out.append(kept)
-    return out
 
 
 def count_truncated(generations: Iterable[Any]) -> int:

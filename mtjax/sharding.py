@@ -142,8 +142,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def batch_divisor(mesh: Mesh) -> int:
-    """Per-step (micro-)batch sizes must be multiples of this."""
+def batch_divisor(mesh: Mesh | None) -> int:
+    """Per-step (micro-)batch sizes must be multiples of this (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    missing = [a for a in BATCH_AXES if a not in mesh.shape]
+    if missing:
+        raise ValueError(f"mesh has axes {tuple(mesh.shape)}; the batch is split over {BATCH_AXES}, missing {missing}")
     return _axis_size(mesh, BATCH_AXES)
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,13 @@ class ModelSpec:
 
     @property
     def pad_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad) if pad is not None else self.stop_ids[0]
+        return pad_id(self.tokenizer, self.stop_ids)
+
+
+def pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else the first stop id."""
+    pad = tokenizer.pad_token_id
+    return int(pad) if pad is not None else int(stop_ids[0])
 
 
 def describe(src: ModelSource, overrides: dict[str, Any], setting: str) -> ModelSpec:

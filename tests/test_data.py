@@ -83,12 +83,3 @@ def test_encode_and_collate_masks_prompt_and_padding():
         data.encode_completion([1], [], max_length=4)
 
 
-def test_partition_is_disjoint_complete_and_seeded():
-    ids = [f"p{i}" for i in range(100)]
-    a = data.partition_prompts(ids, num_policy_splits=2, seed=3)
-    b = data.partition_prompts(ids, num_policy_splits=2, seed=3)
-    assert a == b and a != data.partition_prompts(ids, num_policy_splits=2, seed=4)
-    assert sorted(sum(a.values(), [])) == sorted(ids)
-    assert [len(a[k]) for k in ("policy_1", "policy_2", "reward")] == [34, 33, 33]
-    with pytest.raises(ValueError, match="unique"):
-        data.partition_prompts(["x", "x"], 1, seed=0)

@@ -158,3 +158,36 @@ def test_win_rate_and_rm_accuracy_commands(tmp_path, monkeypatch, capsys) -> Non
                    "--score-fn", "toy_judges:words"])
     result = json.loads(capsys.readouterr().out)
     assert result["num_prompts"] == 3 and result["num_pairs"] + result["num_tied_pairs_skipped"] == 3
+
+
+def test_named_models_load_as_a_run_loads_them(tmp_path) -> None:
+    """`mtjax_generate_fn` / `mtjax_score_fn` on a checkpoint folder go through `mtjax.sources`: every stop id
+    of the checkpoint (generation_config.json's <|eot_id|> too), the folder's own chat template, and an Orbax
+    checkpoint replacing the reward model's weights."""
+    import jax
+    from tiny_llama3 import EOT, save_policy, save_reward_model
+
+    from mtjax import sources
+    from mtjax.rundir import RunDir, RunDirError
+
+    policy_dir, rm_dir = save_policy(tmp_path / "policy"), save_reward_model(tmp_path / "rm")
+    lm, _, _ = evaluate._load_mtjax_model(str(policy_dir), "causal_lm", "float32")
+    assert evaluate._special_ids(lm, sources.load_tokenizer(policy_dir, "model"))[0][-1] == EOT
+    generate = evaluate.mtjax_generate_fn(str(policy_dir), max_new_tokens=32, temperature=1.0, batch_size=4,
+                                          progress=False)
+    generate([f"hello {i}" for i in range(4)])
+    stopped = [g for g in generate.last_generations if g.finish_reason == "stop"]
+    assert stopped and all(g.token_ids[-1] == EOT for g in stopped)  # config.json names only 128001
+
+    judge = evaluate.mtjax_score_fn(str(rm_dir))
+    rm, params, _ = evaluate._load_mtjax_model(str(rm_dir), "reward", "float32")
+    doubled = jax.tree.map(lambda x: x * 2, params)
+    run = RunDir(tmp_path / "run", {"seed": 0})
+    ckpt = run.save_params("rm_doubled", doubled, artifact=False)
+    judge_ckpt = evaluate.mtjax_score_fn(str(rm_dir), checkpoint=str(ckpt))
+    expected = evaluate.score_fn_from_model(rm, doubled, sources.load_tokenizer(rm_dir, "model"))
+    restored = judge_ckpt(["hello"], ["the a"])
+    assert restored == pytest.approx(expected(["hello"], ["the a"]), abs=1e-5)
+    assert judge(["hello"], ["the a"]) != pytest.approx(restored, abs=1e-5)
+    with pytest.raises(RunDirError, match="no checkpoint at .*missing"):
+        evaluate.mtjax_score_fn(str(rm_dir), checkpoint=str(tmp_path / "missing"))

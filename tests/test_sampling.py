@@ -10,7 +10,7 @@ from tiny_hf import PAD_ID, VOCAB, make_hf_model
 from mtjax import sampling
 from mtjax.models import config_to_hf, load_hf
 from mtjax.models.hf import params_to_hf_tensors
-from mtjax.sampling import Generation, count_truncated, dedup_per_prompt, filter_logits, generate, score, strip_stop
+from mtjax.sampling import Generation, count_truncated, filter_logits, generate, score, strip_stop
 
 RNG = np.random.default_rng(1234)
 PROMPTS = [RNG.integers(3, VOCAB, size=n).tolist() for n in (5, 17, 3, 11, 30)]  # spans buckets 16 and 32
@@ -342,7 +342,6 @@ def test_score_bad_inputs(tiny):
 def test_hygiene_helpers():
     g = [[Generation((5, 6, 2), "stop"), Generation((5, 6, 2), "stop"), Generation((7,) * 4, "length")],
          [Generation((9, 2), "stop"), Generation((9,), "length")]]
-    assert dedup_per_prompt(g) == [[g[0][0], g[0][2]], g[1]]
     assert count_truncated(g) == 2
     assert strip_stop(g[0][0], [2, 3]) == (5, 6) and strip_stop([4, 3, 2], [2, 3]) == (4,)
     assert strip_stop((4, 5), [2]) == (4, 5) and g[0][2].length == 4
