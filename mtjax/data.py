@@ -71,6 +71,31 @@ def select_length_controlled_pair(rewards: Sequence[float], lengths: Sequence[in
     return PairChoice(int(chosen), int(rejected))
 
 
+@dataclasses.dataclass(frozen=True)
+class SelfLabels:
+    """Pairs a reward model labelled itself (`self_labelled_pairs`): `keep[i]` whether pair i is confident
+    enough to train on, `swap[i]` whether its second response is the preferred one, `confidence[i]` the
+    model's probability for the label it gave."""
+
+    keep: np.ndarray
+    swap: np.ndarray
+    confidence: np.ndarray
+
+
+def self_labelled_pairs(first_rewards: Sequence[float], second_rewards: Sequence[float],
+                        threshold: float) -> SelfLabels:
+    """Self-Evolved Reward learning's selection (Huang et al. 2024): the reward model labels each unlabelled
+    pair (a, b) by its own Bradley-Terry preference P(a ≻ b) = σ(r_a − r_b), the preferred response first,
+    and keeps only the pairs whose label it is at least `threshold` sure of (`threshold` in [0.5, 1))."""
+    if not 0.5 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0.5, 1), got {threshold}")
+    a, b = np.asarray(first_rewards, np.float64), np.asarray(second_rewards, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"{a.shape[0]} first rewards but {b.shape[0]} second rewards")
+    confidence = 1.0 / (1.0 + np.exp(-np.abs(a - b)))
+    return SelfLabels(keep=np.isfinite(confidence) & (confidence >= threshold), swap=b > a, confidence=confidence)
+
+
 def drop_duplicate_responses(responses: Sequence[Sequence[int]]) -> tuple[list[int], int]:
     """Indices of the first occurrence of each distinct response, and how many were dropped."""
     seen: set[tuple[int, ...]] = set()

@@ -231,6 +231,52 @@ def simpo_loss(
     )
 
 
+def sppo_win_probabilities(scores: Array) -> Array:
+    """Each sample's estimated probability of beating the policy, from reward scores `[..., K]` of K samples
+    of one prompt:
+
+        P̂(y_i ≻ π | x) = (1/K) Σ_j σ(s_i − s_j)    (j over all K samples, i itself included: σ(0) = ½).
+
+    The Bradley-Terry preference of the scores, averaged over the policy's own samples, as the SPPO authors
+    estimate it from PairRM scores (Wu et al. 2024, §4; `compute_prob.py` of their code).
+
+    Returns:
+      float32 `[..., K]` in (0, 1).
+    """
+    s = jnp.asarray(scores, jnp.float32)
+    return jnp.mean(jax.nn.sigmoid(s[..., :, None] - s[..., None, :]), axis=-1)
+
+
+def sppo_loss(
+    policy_chosen_logps: Array,
+    policy_rejected_logps: Array,
+    reference_chosen_logps: Array,
+    reference_rejected_logps: Array,
+    chosen_win_prob: Array,
+    rejected_win_prob: Array,
+    beta: float,
+) -> Array:
+    """Self-Play Preference Optimisation: each response's log-ratio regressed onto its scaled advantage.
+
+        L = ½ [(ρ_w − (P̂_w − ½)/β)² + (ρ_l − (P̂_l − ½)/β)²],   ρ = log π(y|x) − log π_ref(y|x),
+
+    where P̂ = P̂(y ≻ π_ref | x) is the estimated win probability of the response against the reference
+    policy (`sppo_win_probabilities`); 1/β is the paper's step size η. Wu et al. 2024, "Self-Play Preference
+    Optimization for Language Model Alignment", eq. 4.6 with a pair (the winner and the loser of the K
+    samples) per prompt, as in the authors' trainer (`loss_type="sppo"`). Unlike DPO the two responses are
+    not compared with each other: each is pushed up or down by its own advantage.
+
+    Returns:
+      `[B]` float32 losses.
+    """
+    _check_beta(beta)
+    chosen = jnp.asarray(policy_chosen_logps, jnp.float32) - jnp.asarray(reference_chosen_logps, jnp.float32)
+    rejected = jnp.asarray(policy_rejected_logps, jnp.float32) - jnp.asarray(reference_rejected_logps, jnp.float32)
+    target_chosen = (jnp.asarray(chosen_win_prob, jnp.float32) - 0.5) / beta
+    target_rejected = (jnp.asarray(rejected_win_prob, jnp.float32) - 0.5) / beta
+    return 0.5 * (jnp.square(chosen - target_chosen) + jnp.square(rejected - target_rejected))
+
+
 def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array, margin: Array | None = None) -> Array:
     """Bradley-Terry pairwise reward-model loss.
 

@@ -54,7 +54,7 @@ from mtjax.sharding import (
     tree_shardings,
 )
 
-DPO_LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo")
+DPO_LOSS_TYPES = ("dpo", "ipo", "hinge", "simpo", "sppo")
 DPO_BATCH_KEYS = (
     "chosen_input_ids",
     "chosen_attention_mask",
@@ -64,6 +64,8 @@ DPO_BATCH_KEYS = (
     "rejected_loss_mask",
 )
 REFERENCE_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+# SPPO's per-pair targets: each response's estimated win probability against the reference policy.
+WIN_PROB_KEYS = ("chosen_win_prob", "rejected_win_prob")
 REWARD_BATCH_KEYS = ("chosen_input_ids", "chosen_attention_mask", "rejected_input_ids", "rejected_attention_mask")
 SFT_BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 SFT_NORMALIZATIONS = ("token", "sequence")
@@ -353,7 +355,10 @@ def _input_tokens(batch: Batch) -> jax.Array:
 class DPOConfig:
     """Objective and execution of the policy step.
 
-    `average_logprobs=None` picks the paper's choice: SimPO length-averages, DPO/IPO/hinge sum (TRL's
+    `loss_type="sppo"` (`losses.sppo_loss`) reads each pair's `chosen_win_prob` / `rejected_win_prob` from the
+    batch (`losses.sppo_win_probabilities` of the reward model's scores over a prompt's K samples).
+
+    `average_logprobs=None` picks the paper's choice: SimPO length-averages, DPO/IPO/hinge/SPPO sum (TRL's
     IPO averages: set True to match it). `reference="model"` computes reference log-probs inside the step
     from frozen reference params; `"precomputed"` reads them from the batch (see
     `precompute_reference_logprobs`). SimPO needs no reference.
@@ -510,7 +515,9 @@ def _chunked_sequence_logprobs(model, params, input_ids, attention_mask, labels,
     return total, (jax.tree.map(lambda per_chunk: per_chunk.sum(0), stats) if token_stats else None)
 
 
-def _dpo_family_loss(config: DPOConfig, pc, pr, rc, rr) -> jax.Array:
+def _dpo_family_loss(config: DPOConfig, pc, pr, rc, rr, micro: Batch) -> jax.Array:
+    if config.loss_type == "sppo":
+        return losses.sppo_loss(pc, pr, rc, rr, micro["chosen_win_prob"], micro["rejected_win_prob"], config.beta)
     if config.loss_type == "dpo":
         return losses.dpo_loss(pc, pr, rc, rr, config.beta, config.label_smoothing)
     if config.loss_type == "ipo":
@@ -543,7 +550,7 @@ def _dpo_loss_and_grads(model: nn.Module, config: DPOConfig, mesh: Mesh, rules: 
             def summed_loss(params):
                 pc, pr, tokens, chosen_tokens = _pair_forward(model, params, micro, average, config.logits_chunk,
                                                               token_stats=True)
-                per_pair = _dpo_family_loss(config, pc, pr, rc, rr)
+                per_pair = _dpo_family_loss(config, pc, pr, rc, rr, micro)
                 return jnp.sum(per_pair * weights) / num_pairs, (pc, pr, tokens, chosen_tokens, per_pair)
 
             grads, (pc, pr, tokens, chosen_tokens, per_pair) = jax.grad(summed_loss, has_aux=True)(params)
@@ -594,6 +601,7 @@ def make_dpo_step(
     schedule = learning_rate_schedule(optimizer_config)
     loss_and_grads = _dpo_loss_and_grads(model, config, mesh, rules)
     required = DPO_BATCH_KEYS + (REFERENCE_KEYS if config.uses_reference and config.reference == "precomputed" else ())
+    required += WIN_PROB_KEYS if config.loss_type == "sppo" else ()
 
     def step(state: TrainState, reference_params: Any, batch: Batch) -> tuple[TrainState, Metrics]:
         _check_keys(batch, required, "DPO")

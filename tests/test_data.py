@@ -83,3 +83,11 @@ def test_encode_and_collate_masks_prompt_and_padding():
         data.encode_completion([1], [], max_length=4)
 
 
+def test_self_labelled_pairs_keep_what_the_reward_model_is_sure_of():
+    labels = data.self_labelled_pairs([2.0, 0.0, 1.0, 0.3, float("nan")], [0.0, 3.0, 1.0, 0.0, 1.0], threshold=0.8)
+    assert labels.keep.tolist() == [True, True, False, False, False]  # σ(2)=.88, σ(3)=.95, σ(0)=.5, σ(.3)=.57
+    assert labels.swap.tolist() == [False, True, False, False, False]
+    np.testing.assert_allclose(labels.confidence[:2], [1 / (1 + np.exp(-2)), 1 / (1 + np.exp(-3))])
+    assert data.self_labelled_pairs([1.0], [0.0], threshold=0.5).keep.tolist() == [True]
+    with pytest.raises(ValueError, match=r"threshold must be in \[0.5, 1\)"):
+        data.self_labelled_pairs([1.0], [0.0], threshold=1.0)

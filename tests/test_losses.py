@@ -54,6 +54,14 @@ def trl_bradley_terry(rc, rr, margin=None):
     return -F.logsigmoid(rc - rr - (0 if margin is None else margin))
 
 
+def sppo_authors(pc, pr, rc, rr, win_prob_chosen, win_prob_rejected, beta):
+    """The SPPO authors' trainer (uclaml/SPPO, `dpo_loss`, `loss_type == "sppo"`), transcribed."""
+    logits_w, logits_l = pc - rc, pr - rr
+    loss_w = (logits_w - (1 / beta) * (win_prob_chosen - 0.5)) ** 2
+    loss_l = (logits_l - (1 / beta) * (win_prob_rejected - 0.5)) ** 2
+    return (loss_w + loss_l) / 2
+
+
 def _torch_value_and_grads(fn, arrays):
     tensors = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in arrays]
     out = fn(*tensors)
@@ -130,6 +138,35 @@ def test_simpo_loss_matches_trl_and_paper(beta, gamma, label_smoothing):
         chosen, rejected = (a.astype(np.float64) for a in arrays)
         paper = np.logaddexp(0.0, -(beta * chosen - beta * rejected - gamma))
         np.testing.assert_allclose(losses.simpo_loss(*arrays, beta, gamma), paper, rtol=1e-5)
+
+
+@pytest.mark.parametrize("beta", [0.001, 0.1])
+def test_sppo_loss_matches_the_authors_code_and_paper(beta):
+    rng = np.random.default_rng(5)
+    probs = [rng.uniform(0.05, 0.95, BATCH).astype(np.float32) for _ in range(2)]
+    arrays = _random_logps(5)
+    arrays = [arrays[0], arrays[1], arrays[0] + rng.normal(0, 2, BATCH).astype(np.float32),
+              arrays[1] + rng.normal(0, 2, BATCH).astype(np.float32)]  # log-ratios of a few nats, as in training
+    _assert_matches_trl(lambda *a: losses.sppo_loss(*a, *[jnp.asarray(p) for p in probs], beta=beta),
+                        lambda *a: sppo_authors(*a, *[torch.tensor(p, dtype=torch.float64) for p in probs], beta),
+                        arrays)
+    # Its minimum: each log-ratio equals its own scaled advantage (P - 1/2)/β, whatever the other response does.
+    pc, pr = (np.float32(-30.0),) * 2
+    optimum = losses.sppo_loss(pc + (0.8 - 0.5) / beta, pr + (0.3 - 0.5) / beta, pc, pr, 0.8, 0.3, beta)
+    assert float(optimum) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_sppo_win_probabilities_match_the_authors_estimate():
+    """`compute_prob.py` of the SPPO code: prb[i][j] = 1 / (1 + exp(s_j - s_i)), then each row summed over all
+    K samples (itself included) and divided by K."""
+    scores = np.random.default_rng(6).normal(0, 2, size=(3, 5))
+    expected = np.zeros_like(scores)
+    for n, score in enumerate(scores):
+        prb = np.array([[1 / (1 + np.exp(score[j] - score[i])) for j in range(5)] for i in range(5)])
+        expected[n] = prb.sum(axis=1) / 5
+    got = np.asarray(losses.sppo_win_probabilities(jnp.asarray(scores, jnp.float32)))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert np.allclose(got.mean(axis=-1), 0.5)  # the policy against itself: even on average
 
 
 @pytest.mark.parametrize("with_margin", [False, True])

@@ -285,6 +285,33 @@ def test_simpo_step_is_reference_free_on_length_averaged_logprobs(policy, dpo_ba
 PADDED_WEIGHTS = np.array([1, 1, 1, 0, 1, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0, 0], np.float32)
 
 
+def test_sppo_step_moves_each_response_towards_its_own_advantage(policy, dpo_batch):
+    """SPPO (policy == reference at the start): a response whose win probability is above ½ gains log-prob,
+    one below ½ loses it, each by its own target, and accumulation over micro-batches is exact."""
+    model, params = policy
+    rng = np.random.default_rng(3)
+    n = len(dpo_batch["chosen_input_ids"])
+    batch = {**dpo_batch, "chosen_win_prob": rng.uniform(0.6, 0.9, n).astype(np.float32),
+             "rejected_win_prob": rng.uniform(0.1, 0.4, n).astype(np.float32)}
+    mesh = sharding.make_mesh(2, 1, 1)
+    config = train.DPOConfig(loss_type="sppo", beta=1.0)
+    step = train.make_dpo_step(model, config, OPTIMIZER, mesh)
+    state, metrics = step(train.init_train_state(params, OPTIMIZER, mesh), params, batch)
+    targets = [(batch[f"{side}_win_prob"] - 0.5) / config.beta for side in ("chosen", "rejected")]
+    assert float(metrics["loss"]) == pytest.approx(float(np.mean(0.5 * (targets[0] ** 2 + targets[1] ** 2))),
+                                                   rel=1e-5)
+    chosen, rejected, _ = train.pair_logprobs(model, state.params, batch)
+    before_chosen, before_rejected, _ = train.pair_logprobs(model, params, batch)
+    assert float(np.mean(chosen - before_chosen)) > 0 > float(np.mean(rejected - before_rejected))
+    accumulated = train.make_dpo_step(model, train.DPOConfig(loss_type="sppo", beta=1.0, num_micro_batches=4),
+                                      OPTIMIZER, mesh)
+    state4, metrics4 = accumulated(train.init_train_state(params, OPTIMIZER, mesh), params, batch)
+    np.testing.assert_allclose(metrics4["loss"], metrics["loss"], rtol=2e-6)
+    _assert_trees_close(_host(state4.params), _host(state.params), atol=2e-7)
+    with pytest.raises(KeyError, match="chosen_win_prob"):
+        step(train.init_train_state(params, OPTIMIZER, mesh), params, dpo_batch)
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
