@@ -79,12 +79,15 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("rm_accuracy_current_policy", "RM acc. current policy", "eval", "rm/accuracy_current_policy"),
     ("rm_accuracy_base_policy", "RM acc. base policy", "eval", "rm/accuracy_base_policy"),
 )
+_BY_KEY = {m[0]: m for m in METRICS}
+# The synthetic task has no IFEval checks nor English text: gold, its readable parts (coverage) and what gold does
+# not reward (words, the decoy), and r0's accuracy on π_t's samples next to r_t's (the method's premise).
 SYNTHETIC_METRICS: tuple[tuple[str, str, str, str], ...] = (
-    ("gold_reward", "gold reward", "eval", "policy/gold_reward"),
+    _BY_KEY["gold_reward"],
     ("coverage", "item coverage", "eval", "policy/coverage"),
     ("length_mean_words", "words", "eval", "policy/length_mean_words"),
     ("decoy_rate", "decoy rate", "eval", "policy/decoy_rate"),
-    ("truncated_fraction", "truncated fraction", "eval", "policy/truncated_fraction"),
+    _BY_KEY["truncated_fraction"],
     ("rm_accuracy_current_policy", "r_t acc. on π_t", "eval", "rm/accuracy_current_policy"),
     ("rm_accuracy_base_policy", "r_t acc. on π0", "eval", "rm/accuracy_base_policy"),
     ("rm_r0_accuracy_current_policy", "r0 acc. on π_t", "eval", "rm/r0_accuracy_current_policy"),
