@@ -460,6 +460,29 @@ def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], ite
     return out
 
 
+def label_accuracy(workdir: Path, seeds: Sequence[int]) -> dict:
+    """kind ('self', 'contrastive') -> t -> stats over seeds of how often the M-step's own labels (r_{t-1}'s for
+    self-training pairs, 'π_t's response wins' for contrastive ones) agree with gold, read from the `oracle`
+    arm, which relabels exactly those pairs by gold and counts the swaps. At t = 1 they are mutual's pairs;
+    later, those of the oracle arm's own policies."""
+    from mtjax.rundir import RunDir
+
+    out: dict[str, dict[str, dict]] = {}
+    for kind in ("self", "contrastive"):
+        for seed in seeds:
+            arm_dir = workdir / f"seed_{seed}" / "oracle"
+            if not (arm_dir / "phases.json").is_file():
+                continue
+            rd = RunDir.open_read_only(arm_dir)
+            for phase in rd.completed():
+                summary = rd.summary(phase)
+                pairs = summary.get(f"{kind}_pairs")
+                if phase.endswith("/m_step") and pairs:
+                    t = phase.split("/")[0].removeprefix("iter_")
+                    out.setdefault(kind, {}).setdefault(t, []).append(1 - summary[f"{kind}_gold_swapped"] / pairs)
+    return {kind: {t: {**_stats(v), "values": v} for t, v in sorted(by_t.items())} for kind, by_t in out.items()}
+
+
 def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int],
               metrics: Sequence[tuple[str, str, str, str]] = METRICS) -> dict:
     labels = metric_groups(metrics)[2]
@@ -527,6 +550,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int],
     claims += control_claims(per_seed, at, final)
     return {"arms": table, "claims": claims,
             "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),
+            "label_accuracy": label_accuracy(workdir, seeds) if "oracle" in arms else {},
             "wall_seconds": {arm: {str(s): v["wall"] for s, v in by.items()} for arm, by in seconds.items()},
             "cpu_seconds": {arm: {str(s): v["cpu"] for s, v in by.items()} for arm, by in seconds.items()},
             "per_seed": {arm: {str(s): {str(t): m for t, m in runs.items()} for s, runs in by.items()}
@@ -614,6 +638,15 @@ def markdown(results: Mapping) -> str:
         for arm, by_t in results["pair_agreement"].items():
             for t, stat in by_t.items():
                 lines.append(f"| {arm} | {t} | {_cell(stat)} |")
+    if results.get("label_accuracy"):
+        lines += ["", "## How often the M-step's labels agree with gold", "",
+                  "From the `oracle` arm, which relabels exactly the pairs `mutual` would train on by gold: "
+                  "self-training pairs labelled by r_{t-1}, contrastive pairs labelled 'π_t's response wins'. "
+                  "At t = 1 these are mutual's own pairs; later the oracle arm's.", "",
+                  "| pairs | iter | agreement with gold |", "| --- | ---: | ---: |"]
+        for kind, by_t in results["label_accuracy"].items():
+            for t, stat in by_t.items():
+                lines.append(f"| {kind} | {t} | {_cell(stat)} |")
     lines += ["", "## Time per arm (s; wall / CPU of all threads; shared phases count where they ran)", "",
               "| arm | " + " | ".join(f"seed {s}" for s in meta["seeds"]) + " |",
               "| --- | " + " | ".join("---:" for _ in meta["seeds"]) + " |"]

@@ -3,6 +3,7 @@ resume), r0's gold-labelled budget, the per-iteration evaluation, the oracle and
 sharing of prompts and π0 across the seeds of a study."""
 
 import dataclasses
+import importlib.util
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,6 +16,7 @@ from mtjax import em, settings, synthetic
 from mtjax.em import MutualTaught
 from mtjax.gold_pairs import pairs_per_prompt, untied_pairs
 from mtjax.prompt_sets import PromptConfig
+from mtjax.rundir import RunDir
 from mtjax.tasks import SyntheticTask, TestbedTask, gold_accuracy, gold_summary
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -43,6 +45,13 @@ def gold_of_pair(tokenizer, row) -> tuple[float, float]:
     prompt = tokenizer.decode(row["prompt_ids"], skip_special_tokens=True)
     return tuple(synthetic.gold_reward(prompt, tokenizer.decode(row[k], skip_special_tokens=True))
                  for k in ("chosen_ids", "rejected_ids"))
+
+
+def replicate_script():
+    spec = importlib.util.spec_from_file_location("replicate", Path(__file__).parents[1] / "scripts" / "replicate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_trees_equal(a, b):
@@ -151,8 +160,11 @@ def test_control_m_steps_relabel_exactly_mutuals_pairs(rm_update, mutual_run, tm
     each oriented by gold (oracle) or by a seeded coin (random)."""
     ref, _ = mutual_run
     cfg = small_config(rm_update)
-    em.share_base_phases(str(ref.rd.path), cfg, str(tmp_path))
-    run = MutualTaught(cfg, str(tmp_path))
+    arm_dir = str(tmp_path / "seed_0" / rm_update)  # the layout of scripts/replicate.py
+    em.share_base_phases(str(ref.rd.path), cfg, arm_dir)
+    # Iteration 1's E-step uses π0 and r0 alone, the same in every arm: take mutual's (saves its DPO in a test).
+    RunDir(arm_dir, cfg.to_dict()).adopt_phases(ref.rd, {"iter_1/e_step": ("iter_1/e_step", "iter_1/policy")})
+    run = MutualTaught(cfg, arm_dir)
     run.run()
     tok = run.models.tokenizer
     summary = run.rd.summary("iter_1/m_step")
@@ -171,6 +183,9 @@ def test_control_m_steps_relabel_exactly_mutuals_pairs(rm_update, mutual_run, tm
                 chosen, rejected = gold_of_pair(tok, row)
                 assert chosen > rejected
         assert summary[f"{kind}_{label}_swapped"] == swapped
+        if rm_update == "oracle":  # the study's table of how often mutual's own labels agree with gold
+            agreement = replicate_script().label_accuracy(tmp_path, [0])[kind]["1"]
+            assert agreement["values"] == [1 - swapped / len(mine)]
     if rm_update == "random":
         assert summary["self_random_swapped"] + summary["contrastive_random_swapped"] > 0
     assert summary["trained_pairs"] == summary["self_pairs"] + summary["contrastive_pairs"]
