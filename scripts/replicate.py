@@ -460,31 +460,44 @@ def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], ite
     return out
 
 
-def label_accuracy(workdir: Path, seeds: Sequence[int]) -> dict:
-    """kind ('self', 'contrastive') -> t -> stats over seeds of how often the M-step's own labels (r_{t-1}'s for
-    self-training pairs, 'π_t's response wins' for contrastive ones) agree with gold, read from the `oracle`
-    arm, which relabels exactly those pairs by gold and counts the swaps. At t = 1 they are mutual's pairs;
-    later, those of the oracle arm's own policies."""
-    from mtjax.rundir import RunDir
+# The pairs files a run stores (phase folder, file stem) and how the tables name them.
+PAIR_FILES = {("e_step", "pairs"): "E-step (policy)", ("m_step", "self_pairs"): "M-step self-training",
+              ("m_step", "contrastive_pairs"): "M-step contrastive"}
 
-    out: dict[str, dict[str, dict]] = {}
-    for kind in ("self", "contrastive"):
+
+def pair_gold_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+    """arm -> pair kind -> t -> stats over seeds of the fraction of the arm's stored training pairs whose chosen
+    response has the higher gold reward (gold ties left out): how right the labels each step trains on are.
+    For the synthetic task, whose token ids decode to the exact response text."""
+    from mtjax import settings, synthetic
+    from mtjax.rundir import read_jsonl
+    from mtjax.tasks import SyntheticTask
+
+    tokenizer = synthetic.make_tokenizer()
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for arm in arms:
         for seed in seeds:
-            arm_dir = workdir / f"seed_{seed}" / "oracle"
-            if not (arm_dir / "phases.json").is_file():
+            arm_dir = workdir / f"seed_{seed}" / arm
+            config = read_json(arm_dir / "config.json")
+            if config is None:
                 continue
-            rd = RunDir.open_read_only(arm_dir)
-            for phase in rd.completed():
-                summary = rd.summary(phase)
-                pairs = summary.get(f"{kind}_pairs")
-                if phase.endswith("/m_step") and pairs:
-                    t = phase.split("/")[0].removeprefix("iter_")
-                    out.setdefault(kind, {}).setdefault(t, []).append(1 - summary[f"{kind}_gold_swapped"] / pairs)
-    return {kind: {t: {**_stats(v), "values": v} for t, v in sorted(by_t.items())} for kind, by_t in out.items()}
+            task = SyntheticTask(settings.build(synthetic.TaskConfig, config["task"]))
+            for (folder, stem), kind in PAIR_FILES.items():
+                for path in sorted(arm_dir.glob(f"iter_*/{folder}/{stem}.jsonl")):
+                    rows = read_jsonl(path)
+                    texts = [[tokenizer.decode(r[k], skip_special_tokens=True) for k in ("chosen_ids", "rejected_ids")]
+                             for r in rows]
+                    prompts = [{"prompt": tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)} for r in rows]
+                    right = [a > b for a, b in task.gold_rewards(prompts, texts) if a != b]
+                    if right:
+                        t = path.parts[-3].removeprefix("iter_")
+                        out.setdefault(arm, {}).setdefault(kind, {}).setdefault(t, []).append(float(np.mean(right)))
+    return {arm: {kind: {t: {**_stats(v), "values": v} for t, v in sorted(by_t.items())}
+                  for kind, by_t in by_kind.items()} for arm, by_kind in out.items()}
 
 
-def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int],
-              metrics: Sequence[tuple[str, str, str, str]] = METRICS) -> dict:
+def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: str = "testbed") -> dict:
+    metrics = METRICS_OF_TASK[task]
     labels = metric_groups(metrics)[2]
     per_seed: dict[str, dict[int, dict[int, dict[str, float]]]] = {}  # arm -> seed -> t -> metric
     seconds: dict[str, dict[int, dict[str, float]]] = {}
@@ -550,7 +563,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int],
     claims += control_claims(per_seed, at, final)
     return {"arms": table, "claims": claims,
             "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),
-            "label_accuracy": label_accuracy(workdir, seeds) if "oracle" in arms else {},
+            "pair_gold_agreement": pair_gold_agreement(workdir, arms, seeds) if task == "synthetic" else {},
             "wall_seconds": {arm: {str(s): v["wall"] for s, v in by.items()} for arm, by in seconds.items()},
             "cpu_seconds": {arm: {str(s): v["cpu"] for s, v in by.items()} for arm, by in seconds.items()},
             "per_seed": {arm: {str(s): {str(t): m for t, m in runs.items()} for s, runs in by.items()}
@@ -638,15 +651,16 @@ def markdown(results: Mapping) -> str:
         for arm, by_t in results["pair_agreement"].items():
             for t, stat in by_t.items():
                 lines.append(f"| {arm} | {t} | {_cell(stat)} |")
-    if results.get("label_accuracy"):
-        lines += ["", "## How often the M-step's labels agree with gold", "",
-                  "From the `oracle` arm, which relabels exactly the pairs `mutual` would train on by gold: "
-                  "self-training pairs labelled by r_{t-1}, contrastive pairs labelled 'π_t's response wins'. "
-                  "At t = 1 these are mutual's own pairs; later the oracle arm's.", "",
-                  "| pairs | iter | agreement with gold |", "| --- | ---: | ---: |"]
-        for kind, by_t in results["label_accuracy"].items():
-            for t, stat in by_t.items():
-                lines.append(f"| {kind} | {t} | {_cell(stat)} |")
+    if results.get("pair_gold_agreement"):
+        lines += ["", "## How often the training pairs agree with gold", "",
+                  "Fraction of each step's stored training pairs whose chosen response has the higher gold reward "
+                  "(gold ties left out): E-step pairs chosen by r_{t-1}; M-step self-training pairs labelled by "
+                  "r_{t-1}; contrastive pairs labelled 'π_t's response wins' (oracle: by gold, random: by a coin).",
+                  "", "| arm | pairs | iter | agreement with gold |", "| --- | --- | ---: | ---: |"]
+        for arm, by_kind in results["pair_gold_agreement"].items():
+            for kind, by_t in by_kind.items():
+                for t, stat in by_t.items():
+                    lines.append(f"| {arm} | {kind} | {t} | {_cell(stat)} |")
     lines += ["", "## Time per arm (s; wall / CPU of all threads; shared phases count where they ran)", "",
               "| arm | " + " | ".join(f"seed {s}" for s in meta["seeds"]) + " |",
               "| --- | " + " | ".join("---:" for _ in meta["seeds"]) + " |"]
@@ -722,7 +736,7 @@ def plot(results: Mapping, out: Path) -> list[Path]:
 
 def write_results(args, arms: Sequence[str], seeds: Sequence[int]) -> dict:
     workdir = Path(args.workdir)
-    results = aggregate(workdir, arms, seeds, METRICS_OF_TASK[args.task])
+    results = aggregate(workdir, arms, seeds, args.task)
     results["meta"] = {"preset": args.preset, "task": args.task, "seeds": list(seeds), "arms": list(arms),
                        "overrides": list(args.override), "alpaca_prompts": args.alpaca_prompts,
                        "alpaca_data": str(args.alpaca_data), "alpaca_headline": "raw RM-judged win_rate (%)"}
