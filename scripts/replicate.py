@@ -9,6 +9,8 @@ Arms (all from ``configs/mt.py`` with one preset; ``--override key=value`` appli
     offline           mt.rm_update=frozen, mt.schedule=offline      one offline DPO round from π0
     oracle            mt.rm_update=oracle                           mutual's M-step pairs labelled by gold
     random            mt.rm_update=random                           mutual's M-step pairs labelled by a coin
+    mutual_filtered   mt.rm_update=mutual, mt.contrastive_filter=true   the paper's revision: contrastive pairs
+                                                                    that r_{t-1} rejects by > 1 std dropped
 
 A seed sets ``cfg.seed`` and ``cfg.reward_model.head_seed``; ``prompts.seed`` stays fixed, so every arm and
 seed sees the same prompt splits. Per seed, ``mutual`` runs first in ``WORKDIR/seed_S/mutual``; every other
@@ -56,10 +58,11 @@ ARMS: dict[str, dict[str, str]] = {
     "offline": {"rm_update": "frozen", "schedule": "offline"},
     "oracle": {"rm_update": "oracle"},
     "random": {"rm_update": "random"},
+    "mutual_filtered": {"rm_update": "mutual", "contrastive_filter": True},
 }
 # What a preset runs unless the command line says otherwise (the synthetic study of issue 18: six arms, five
 # seeds, no AlpacaEval: its tokenizer holds 21 words, not English).
-DEFAULTS = {"arms": ",".join(a for a in ARMS if a not in ("oracle", "random")), "seeds": "0,1,2", "alpaca_prompts": 16}
+DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds": "0,1,2", "alpaca_prompts": 16}
 PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
                                  "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
 # Keys the script sets itself: an override may not touch them.
@@ -560,6 +563,10 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: st
             for key in (k for k in (gold, "alpaca_win_rate") if k in labels):
                 claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
                                       final(other, key), ">"))
+    if "mutual_filtered" in per_seed:  # the paper's revision: does the contrastive filter rescue the M-step?
+        for other in ("mutual", "frozen"):
+            claims.append(compare(f"(3, revision) final iteration: mutual_filtered > {other}", gold,
+                                  final("mutual_filtered", gold), final(other, gold), ">"))
     claims += control_claims(per_seed, at, final)
     return {"arms": table, "claims": claims,
             "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),

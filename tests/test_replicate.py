@@ -84,6 +84,8 @@ def test_overrides_and_bad_arguments(replicate):
     assert cfg.sampling.max_new_tokens == 10 and cfg.mt.contrastive_filter is True
     assert cfg.seed == 3 and cfg.reward_model.head_seed == 3 and cfg.prompts.seed == 0
     assert (cfg.mt.rm_update, cfg.mt.policy_prompts) == ("frozen", "with_rm")
+    filtered = replicate.arm_config("synthetic", [], "mutual_filtered", 0).mt
+    assert (filtered.rm_update, filtered.contrastive_filter) == ("mutual", True)
     for argv in (["--arms", "frozen"], ["--arms", "mutual,nope"], ["--override", "mt.rm_update=frozen"],
                  ["--override", "no.such=1"], ["--override", "sampling.max_new_tokens=abc"]):
         with pytest.raises(SystemExit):
