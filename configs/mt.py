@@ -15,6 +15,9 @@ Presets:
   paper    the paper's setting: Llama-3-8B-Instruct + FsfairX-LLaMA3-RM-v0.1 from the hub (or local folders),
            UltraFeedback prompts, K=5, β=0.01, lr 7e-7 / 2e-6, batch 128 / 512, length 2048, remat, FSDP over
            all devices; evaluated on AlpacaEval 2, Arena-Hard and RewardBench.
+  synthetic the controlled co-adaptation testbed (docs/synthetic.md): the synthetic keyword-coverage task with a
+           known gold reward, ~1M-parameter Llama models, π0 from a supervised phase on imperfect
+           demonstrations, r0 from a budget of 2048 gold-labelled pairs, T = 3; a few minutes per run on a CPU.
 """
 
 from ml_collections import ConfigDict
@@ -25,10 +28,12 @@ from mtjax.models.config import ModelConfig
 from mtjax.prompt_sets import PromptConfig
 from mtjax.sampling import SamplingConfig
 from mtjax.sources import ModelSource
+from mtjax.synthetic import DemonstratorConfig, TaskConfig
+from mtjax.tasks import TaskChoice
 from mtjax.tracking import TrackingConfig
-from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig
+from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig, SFTConfig
 
-PRESETS = ("default", "tiny", "gpu", "paper")
+PRESETS = ("default", "tiny", "gpu", "paper", "synthetic")
 TRAINING = (OptimizerConfig, settings.TrainingRun)
 
 
@@ -45,10 +50,15 @@ def get_config(preset: str = "") -> ConfigDict:
     model = dict(dtype="float32", param_dtype="float32", remat=False)
     cfg.policy = section(ModelSource, ModelConfig, source="smollm2", **model)
     cfg.reward_model = section(ModelSource, ModelConfig, source="smollm2", **model)
+    # The task: its prompt splits and the gold reward of r0's labels and the evaluations (mtjax.tasks); the
+    # synthetic task's difficulty and gold reward are its `TaskConfig` fields here.
+    cfg.task = section(TaskChoice, TaskConfig)
     cfg.prompts = section(PromptConfig, max_prompt_tokens=192)
     # The default is sized for a 2-core CPU (about 10 minutes): few prompts, short responses, one epoch.
     cfg.sampling = section(SamplingConfig, num_samples=4, temperature=0.8, top_p=0.95, max_new_tokens=48,
                            batch_size=32, max_batch_tokens=16384)
+    # π0 from a supervised phase on the task's demonstrations (off: π0 is the policy source).
+    cfg.sft = section(settings.SFTPhase, DemonstratorConfig, SFTConfig, *TRAINING)
     # So few steps cannot afford a warm-up from lr 0 (it would waste half of them): cosine from the peak.
     # The reference log-probs of π_{t-1} are computed once per E-step and cached ("precomputed").
     cfg.dpo = section(DPOConfig, *TRAINING, loss_type="dpo", beta=0.1, reference="precomputed", learning_rate=1e-5,
@@ -98,7 +108,34 @@ def get_config(preset: str = "") -> ConfigDict:
         cfg.eval.num_samples = 4
     elif preset == "paper":
         paper_config(cfg)
+    elif preset == "synthetic":
+        synthetic_config(cfg)
     return cfg
+
+
+def synthetic_config(cfg: ConfigDict) -> None:
+    """The controlled co-adaptation testbed (issue 18; docs/synthetic.md has the calibration): ordered keyword
+    coverage with a known gold reward; Llama models of ~1M parameters on a 27-word vocabulary; π0 = 8 epochs
+    of SFT on 2 imperfect demonstrations of each of 2000 prompts; r0 = the RM from π0's backbone trained on
+    one gold-labelled pair of π0's samples for each of 2048 "human" prompts; 256 prompts per split, K = 4 at
+    temperature 1, responses of at most 12 tokens; DPO β 0.1 at lr 3e-4, Bradley-Terry at lr 1e-3, batches
+    of 32 pairs; every iteration evaluated on 256 held-out prompts x 4 samples (about 1500 gold pairs)."""
+    cfg.iterations = 3
+    cfg.policy.source = cfg.reward_model.source = "synthetic"
+    cfg.task.name = "synthetic"
+    # Prompts are at most 8 ids (<s> <user> 5 items <assistant>); 8 + 12 new tokens fit every training length.
+    cfg.prompts.update(policy=(256, 256, 256), reward_model=256, base_rm_labels=2048, heldout_eval=256, sft=2000,
+                       max_prompt_tokens=8)
+    cfg.sampling.update(num_samples=4, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=256,
+                        max_batch_tokens=256 * 32)
+    length = dict(max_length=20, warmup_ratio=0.05)
+    cfg.sft.update(enabled=True, demonstrations_per_prompt=2, learning_rate=3e-3, batch_size=64, epochs=8, **length)
+    cfg.base_rm.update(pairs_per_prompt=1, learning_rate=1e-3, batch_size=32, epochs=4, weight_decay=0.001, **length)
+    cfg.dpo.update(loss_type="dpo", beta=0.1, reference="precomputed", learning_rate=3e-4, batch_size=32, epochs=2,
+                   **length)
+    cfg.rm.update(learning_rate=1e-3, batch_size=32, epochs=2, weight_decay=0.001, **length)
+    cfg.eval.update(num_samples=4, temperature=1.0)
+    cfg.mesh.data = 1
 
 
 def paper_config(cfg: ConfigDict) -> None:

@@ -5,12 +5,14 @@ and on self-labelled pairs of the new policy's samples.
 Every phase writes its outputs into the run directory and is then recorded as done, so a rerun
 resumes after the last finished phase (see `mtjax.rundir`). Phases, in order:
 
-    prompts                  generated prompt splits (recorded ids)
+    prompts                  the task's prompt splits (recorded ids; `mtjax.tasks`)
+    sft                      (optional) π0: the policy trained on the task's demonstrations
     base_rm                  r0: the RM trained on the gold-labelled "human" split
     iter_0/eval              base policy and r0 on held-out prompts
     iter_t/e_step            sample K from π_{t-1} on D_t, score with r_{t-1}, length-controlled
                              pairs, DPO from π_{t-1} (reference π_{t-1}) → π_t
-    iter_t/m_step            samples of π_t and π_{t-1} on D_R → contrastive + self pairs → r_t
+    iter_t/m_step            samples of π_t and π_{t-1} on D_R → contrastive + self pairs → r_t (the oracle
+                             and random controls relabel the same pairs by gold / a coin)
     iter_t/eval              π_t and r_t on held-out prompts
     iter_t/gate              (optional) keep π_t only if r_t prefers it to the kept policy at a rate ≥ τ
 """
@@ -166,21 +168,35 @@ def encode_pairs(pairs: PairSet, max_length: int) -> tuple[list, list, Counter]:
     return chosen, rejected, counts
 
 
-def pair_batches(chosen, rejected, pad_id: int, batch_size: int, max_length: int, seed: int,
-                 per_pair: Mapping[str, np.ndarray] | None = None):
-    """Shuffled batches of exactly `batch_size` rows (one compiled shape per length bucket); the last
-    is padded with weight-0 rows, never dropped. `per_pair` arrays (e.g. reference log-probs) follow
-    the same shuffle."""
-    order = np.random.default_rng(seed).permutation(len(chosen))
+def _shuffled_batches(num_rows: int, batch_size: int, seed: int):
+    """(row indices, weights) of shuffled batches of exactly `batch_size` rows (one compiled shape per length
+    bucket); the last is padded with repeats of weight 0, never dropped."""
+    order = np.random.default_rng(seed).permutation(num_rows)
     for start in range(0, len(order), batch_size):
         idx = list(order[start:start + batch_size])
         real = len(idx)
-        idx += [idx[0]] * (batch_size - real)
+        yield idx + [idx[0]] * (batch_size - real), (np.arange(batch_size) < real).astype(np.float32)
+
+
+def pair_batches(chosen, rejected, pad_id: int, batch_size: int, max_length: int, seed: int,
+                 per_pair: Mapping[str, np.ndarray] | None = None):
+    """Shuffled pair batches (see `_shuffled_batches`) with `pair_weight`; `per_pair` arrays (e.g. reference
+    log-probs) follow the same shuffle."""
+    for idx, weights in _shuffled_batches(len(chosen), batch_size, seed):
         batch = data.collate_pairs([chosen[i] for i in idx], [rejected[i] for i in idx], pad_id, max_length)
-        batch["pair_weight"] = (np.arange(batch_size) < real).astype(np.float32)
+        batch["pair_weight"] = weights
         for name, values in (per_pair or {}).items():
             batch[name] = np.asarray(values)[idx]
         yield batch
+
+
+def sequence_batches(completions: Sequence[data.Completion], pad_id: int, batch_size: int, max_length: int,
+                     seed: int):
+    """Shuffled batches of single sequences (see `_shuffled_batches`) with `sequence_weight`, for SFT."""
+    for idx, weights in _shuffled_batches(len(completions), batch_size, seed):
+        rows = [completions[i] for i in idx]
+        length = data.padded_length([len(c.input_ids) for c in rows], 64, max_length)
+        yield {**data.collate(rows, pad_id, length), "sequence_weight": weights}
 
 
 # ----------------------------------------------------------------------------- training
@@ -218,7 +234,7 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                     seen += 1
                     if seen <= start:
                         continue
-                    working_on(f"{desc} step", batch["chosen_input_ids"].shape,
+                    working_on(f"{desc} step", batch.get("chosen_input_ids", batch.get("input_ids")).shape,
                                (f"{section}.num_micro_batches", f"{_MODEL_OF[section]}.remat"))
                     state, pending = step_fn(state, shard_global_batch(batch, mesh))
                     row = host_metrics(pending)
@@ -227,8 +243,9 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
                     pending = None
                     history.append(row)
                     log({"step": len(history), "epoch": epoch, "train": row})
-                    accuracy = row.get("accuracy", row.get("rewards/accuracies", float("nan")))  # RM, DPO
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{accuracy:.2f}")
+                    accuracy = row.get("accuracy", row.get("rewards/accuracies"))  # RM, DPO (SFT has none)
+                    shown = {"loss": f"{row['loss']:.4f}"} | ({} if accuracy is None else {"acc": f"{accuracy:.2f}"})
+                    bar.set_postfix(**shown)
                     bar.update(1)
                     if checkpoint is not None:
                         checkpoint.after_step(state, history, total)
@@ -244,7 +261,8 @@ def _run_steps(step_fn: Callable, state: Any, batches_per_epoch: Callable[[int],
     return state, history
 
 
-_MODEL_OF = {"dpo": "policy", "rm": "reward_model", "base_rm": "reward_model"}  # the model a section trains
+# The model each training section trains.
+_MODEL_OF = {"sft": "policy", "dpo": "policy", "rm": "reward_model", "base_rm": "reward_model"}
 
 
 def _mean_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
@@ -252,6 +270,37 @@ def _mean_metrics(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
         return {}
     keys = history[0].keys()
     return {f"train_{k}": float(np.mean([h[k] for h in history])) for k in keys}
+
+
+def train_sft(models: Models, params: Any, rows: Sequence[tuple[str, str]], section: ConfigDict, mesh, seed: int,
+              log: Callable[[dict], None], checkpoint: TrainCheckpoint | None = None) -> tuple[Any, dict]:
+    """Supervised fine-tuning of the policy from `params` on (prompt, response) text rows, rendered in its chat
+    template with the response ending in its stop token, as the `sft` section says (`SFTConfig`,
+    `OptimizerConfig`, `settings.TrainingRun` fields); returns new params and stats (`checkpoint`: as in
+    `train_dpo`)."""
+    from mtjax import train
+
+    run = settings.build(settings.TrainingRun, section)
+    completions, counts = [], Counter()
+    for prompt, response in rows:
+        completion = data.encode_completion(data.chat_prompt_ids(models.tokenizer, prompt),
+                                            data.response_ids(models.tokenizer, response, models.stop_ids[0]),
+                                            run.max_length)
+        if completion is None:
+            counts["dropped_prompt_too_long"] += 1
+            continue
+        counts["truncated_to_max_length"] += int(completion.truncated)
+        completions.append(completion)
+    if not completions:
+        raise ValueError(f"sft.max_length={run.max_length}: no demonstration fits (every prompt is as long)")
+    total = _num_steps(len(completions), run.batch_size, run.epochs)
+    opt_cfg = settings.build(train.OptimizerConfig, section, total_steps=total)
+    step = train.make_sft_step(models.policy, settings.build(train.SFTConfig, section), opt_cfg, mesh)
+    state = train.init_train_state(params, opt_cfg, mesh)
+    batches = lambda epoch: sequence_batches(completions, models.pad_id, run.batch_size, run.max_length,
+                                             seed + 7919 * epoch)
+    state, history = _run_steps(step, state, batches, run.epochs, total, "SFT", log, mesh, checkpoint, "sft")
+    return state.params, {**counts, "trained_sequences": len(completions), "steps": total, **_mean_metrics(history)}
 
 
 def train_dpo(models: Models, params: Any, pairs: PairSet, section: ConfigDict, mesh, seed: int,
@@ -336,14 +385,18 @@ class MutualTaught:
         """`read_only`: open a run directory to read its models (`params_at`), writing nothing into it."""
         from mtjax.sampling import SamplingConfig
         from mtjax.sharding import make_mesh
+        from mtjax.tasks import make_task
 
         settings.validate_config(cfg)
         self.cfg = cfg
         self.sampling = settings.build(SamplingConfig, cfg.sampling)
         self.mt = settings.build(settings.MTConfig, cfg.mt)
         self.eval_cfg = settings.build(_eval_config_class(), cfg.eval)
+        self.sft = settings.build(settings.SFTPhase, cfg.sft)
+        self.task = make_task(cfg)
         self.specs = describe_models(cfg)
         self._check_contexts(self.specs)
+        self._check_reward_model_from_policy(self.specs)
         if read_only:
             self.rd = RunDir.open_read_only(workdir)
         else:
@@ -360,6 +413,8 @@ class MutualTaught:
         self.models = load_models(self.specs, cfg.seed, self.mesh)
         self.splits = {} if read_only else self._prompt_splits(built)
         self._prompt_ids: dict[str, list[list[int]]] = {}
+        if self.sft.enabled and self.rd.done("sft"):
+            self._start_from(self.rd.load_params("sft/policy", like=self.models.policy_params))
 
     def _reconcile_run_directory(self) -> None:
         """Makes the run directory agree with this run: an unfinished phase drops what it made with settings
@@ -370,7 +425,7 @@ class MutualTaught:
             say(f"{self.rd.path}: config changes accepted (no finished phase used them): "
                 f"{'; '.join(map(str, changes))}")
         for phase in self.rd.in_flight():
-            touched = {c.section for c in changes} - set(independent_of(phase))
+            touched = {c.section for c in changes if not c.within(independent_of(phase))}
             if touched - {training_section(phase)}:  # a change of its training settings alone keeps its samples
                 say(f"{phase} started with the former {', '.join(sorted(touched))} settings; starting it again")
                 self.rd.discard_in_flight(phase)
@@ -426,6 +481,20 @@ class MutualTaught:
         if problems:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
+    def _check_reward_model_from_policy(self, specs: Mapping[str, Any]) -> None:
+        """With `sft.reward_model_from_policy` the RM starts from π0's backbone: their shapes must agree."""
+        if not (self.sft.enabled and self.sft.reward_model_from_policy and self.cfg.base_rm.enabled):
+            return
+        shape = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "scan_layers")
+        policy, reward = specs["policy"].config, specs["reward_model"].config
+        differ = [f"{k} {getattr(policy, k)} vs {getattr(reward, k)}" for k in shape
+                  if getattr(policy, k) != getattr(reward, k)]
+        if differ:
+            raise ValueError(f"invalid config:\n  - sft.reward_model_from_policy needs the reward model's backbone to "
+                             f"have the policy's shape (policy vs reward_model: {'; '.join(differ)}); set it False "
+                             "or use the same source")
+
     def _prompt_limits(self, specs: Mapping[str, Any]):
         from mtjax.prompt_sets import PromptConfig, PromptLimits
 
@@ -436,7 +505,7 @@ class MutualTaught:
                             specs["reward_model"].config.max_position_embeddings)
 
     def _build_prompt_splits(self, specs: Mapping[str, Any]) -> tuple[Any, Any, Counter, dict]:
-        """The prompt splits of a new run, in memory (written by the `prompts` phase): the testbed's, with
+        """The prompt splits of a new run, in memory (written by the `prompts` phase): the task's, with
         D_1..D_T and D_R from `prompts.source` when it is not the testbed; every prompt measured in the
         policy's and the RM's chat templates, and those that do not fit dropped and counted by reason."""
         import datasets
@@ -444,7 +513,7 @@ class MutualTaught:
         from mtjax.iteration_eval import load_benchmarks
         from mtjax.prompt_sets import PromptConfig, external_splits, fitting_prompts, row_prompt
         from mtjax.scoring import same_tokenization
-        from mtjax.testbed.prompts import PROMPT_FEATURES, PromptGeneratorConfig, PromptSplitSizes, build_prompt_splits
+        from mtjax.testbed.prompts import PROMPT_FEATURES
 
         p = settings.build(PromptConfig, self.cfg.prompts)
         policy_tok, reward_tok = specs["policy"].tokenizer, specs["reward_model"].tokenizer
@@ -455,10 +524,7 @@ class MutualTaught:
             return n, n if same else len(data.chat_prompt_ids(reward_tok, prompt))
 
         limits = self._prompt_limits(specs)
-        gen_cfg = PromptGeneratorConfig(seed=p.seed, sizes=PromptSplitSizes(
-            policy=tuple(p.policy), reward_model=p.reward_model, base_rm_labels=p.base_rm_labels,
-            heldout_eval=p.heldout_eval))
-        splits = build_prompt_splits(gen_cfg)
+        splits, gen_cfg = self.task.prompt_splits(p)
         counts: Counter = Counter()
         if p.source != "testbed":  # train on the source's prompts; evaluate on the testbed's
             external, counts = external_splits(p, limits, measure)
@@ -506,11 +572,6 @@ class MutualTaught:
         from mtjax.prompt_sets import row_prompt
 
         return [row_prompt(row) for row in self.splits[split]]
-
-    def instruction_prompts(self, split: str):
-        from mtjax.testbed.benchmarks import instruction_prompts_from_rows
-
-        return instruction_prompts_from_rows(list(self.splits[split]), where=f"prompt split {split}")
 
     def _seed(self, phase: str) -> int:
         """A per-phase seed, so a resumed run samples exactly what an uninterrupted one would."""
@@ -630,6 +691,13 @@ class MutualTaught:
         """The stored rows of a samples file, grouped per prompt in the split's order."""
         return _group_rows(self.rd.read_jsonl(path), self.splits[split]["prompt_id"])
 
+    def score_groups(self, rm_params: Any, split: str, groups: Sequence[Sequence[dict]]) -> list[list[float]]:
+        """RM scores of stored sample rows grouped per prompt of `split` (`sample_rows`), on their token ids."""
+        flat = [(text, ids, row["response_ids"]) for text, ids, group in
+                zip(self.prompts(split), self.prompt_ids(split), groups, strict=True) for row in group]
+        scores = iter(self.scorer.score_ids(rm_params, *zip(*flat, strict=True), progress=False).tolist())
+        return [[next(scores) for _ in group] for group in groups]
+
     def ids_by_text(self, split: str, groups: Sequence[Sequence[dict]]) -> dict[tuple[str, str], tuple[list, list]]:
         """(prompt text, response text) -> (prompt ids, sampled response ids), for the text-based evaluators."""
         return {(text, r["text"]): (p_ids, r["response_ids"])
@@ -639,9 +707,58 @@ class MutualTaught:
 
     # -- phases ------------------------------------------------------------------------------
 
+    def base_policy(self) -> Any:
+        """π0: the policy source's weights, or with `sft.enabled` those trained on the task's demonstrations of
+        the `sft` split (the `sft` phase; its seed is `sft.seed`, so every arm and seed of a study shares it).
+        The reward model then starts from π0's backbone (`sft.reward_model_from_policy`)."""
+        from mtjax.synthetic import DemonstratorConfig
+
+        phase = "sft"
+        if not self.sft.enabled:
+            return self.models.policy_params
+        if not self.rd.done(phase):
+            with self.phase(phase) as summary:
+                rows = self.task.demonstrations(self.prompts("sft"), self.sft.demonstrations_per_prompt,
+                                                self.sft.seed, settings.build(DemonstratorConfig, self.cfg.sft))
+                self.rd.write_jsonl(f"{phase}/demonstrations.jsonl", [{"prompt": p, "response": r} for p, r in rows])
+                params, stats = train_sft(self.models, self._initial_policy(self.sft.seed), rows, self.cfg.sft,
+                                          self.mesh, self.sft.seed, self.log(phase), self.train_checkpoint(phase))
+                self.rd.save_params(f"{phase}/policy", params)
+                summary.update({"demonstrations": len(rows), **stats})
+        self._start_from(self.rd.load_params(f"{phase}/policy", like=self.models.policy_params))
+        return self.models.policy_params
+
+    def _initial_policy(self, seed: int) -> Any:
+        """The policy source's weights; those of a random source (`tiny`, `synthetic`) drawn from `seed`."""
+        from mtjax.sharding import shard_params
+        from mtjax.sources import RANDOM_SOURCES, load
+
+        spec = self.specs["policy"]
+        if spec.source.source not in RANDOM_SOURCES:
+            return self.models.policy_params
+        _, params = load(spec, "causal_lm", seed, self.mesh)
+        return params if self.mesh is None else shard_params(params, self.mesh)
+
+    def _start_from(self, policy_params: Any) -> None:
+        """Makes `policy_params` π0 and, with `sft.reward_model_from_policy`, the RM's starting point its backbone
+        with a fresh score head from `reward_model.head_seed`."""
+        import jax.numpy as jnp
+
+        from mtjax.models.hf import init_score_head
+        from mtjax.sharding import shard_params
+        from mtjax.sources import ModelSource
+
+        reward = self.models.reward_init_params
+        if self.sft.reward_model_from_policy:
+            head = init_score_head(self.models.reward.cfg, settings.build(ModelSource, self.cfg.reward_model).head_seed)
+            reward = {**reward, "model": policy_params["model"], "score": {"kernel": jnp.asarray(head)}}
+            reward = reward if self.mesh is None else shard_params(reward, self.mesh)
+        self.models = dataclasses.replace(self.models, policy_params=policy_params, reward_init_params=reward)
+
     def base_reward_model(self) -> Any:
-        """r0: the RM trained from its initial weights on gold-labelled pairs of π0's samples."""
-        from mtjax.evaluate import gold_preference_pairs
+        """r0: the RM trained from its initial weights on gold-labelled pairs of π0's samples: every untied
+        pair of a label prompt's samples, or `base_rm.pairs_per_prompt` random ones (the "human" budget)."""
+        from mtjax.gold_pairs import pairs_per_prompt, untied_pairs
 
         phase = "base_rm"
         if not self.cfg.base_rm.enabled:  # the RM source is already a trained reward model
@@ -651,18 +768,23 @@ class MutualTaught:
                 split = "base_rm_labels"
                 self.samples(phase, "samples", self.models.policy_params, split, self.sampling.num_samples)
                 rows = self.sample_rows(f"{phase}/samples.jsonl", split)
-                built = gold_preference_pairs(self.instruction_prompts(split),
-                                              [[r["text"] for r in group] for group in rows])
-                by_text = self.ids_by_text(split, rows)
+                texts = [[r["text"] for r in group] for group in rows]
+                rewards = self.task.gold_rewards(list(self.splits[split]), texts)
+                budget = settings.build(settings.BaseRMPhase, self.cfg.base_rm).pairs_per_prompt
+                untied, tied = untied_pairs(rewards, texts)
+                labelled = pairs_per_prompt(rewards, texts, budget, self._seed(f"{phase}/labels"))
+                by_text, prompt_texts = self.ids_by_text(split, rows), self.splits[split]["prompt"]
                 pairs = PairSet([], [], [], Counter())
-                for ex in built.pairs:
-                    p_ids, chosen = by_text[(ex.prompt, ex.chosen)]
-                    _, rejected = by_text[(ex.prompt, ex.rejected)]
+                for p, hi, lo in labelled:
+                    p_ids, chosen = by_text[(prompt_texts[p], texts[p][hi])]
+                    _, rejected = by_text[(prompt_texts[p], texts[p][lo])]
                     pairs.prompts.append(p_ids)
                     pairs.chosen.append(list(chosen))
                     pairs.rejected.append(list(rejected))
-                pairs.counts.update(pairs=len(pairs), prompts_without_pair=built.num_prompts_without_pair,
-                                    tied_pairs_skipped=built.num_tied_pairs_skipped)
+                pairs.counts.update(pairs=len(pairs), prompts_without_pair=len(rows) - len({p for p, _, _ in untied}),
+                                    tied_pairs_skipped=tied)
+                if budget:
+                    pairs.counts["untied_pairs_not_labelled"] = len(untied) - len(pairs)
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("gold"))
                 params, stats = train_reward_model(self.models, self.models.reward_init_params, [pairs],
                                                    self.cfg.base_rm, self.mesh, self._seed(phase), self.log(phase),
@@ -702,12 +824,18 @@ class MutualTaught:
                                                         rm_params=rm_params)
                 prompts = self.prompt_ids(split)
                 pair_sets: dict[str, PairSet] = {}
-                if cfg.rm_update in ("mutual", "self_only"):
+                if cfg.rm_update != "contrastive_only":
                     pair_sets["self"] = length_controlled_pairs(prompts, new_samples, new_rewards, cfg.drop_truncated)
-                if cfg.rm_update in ("mutual", "contrastive_only"):
+                if cfg.rm_update != "self_only":
                     pair_sets["contrastive"] = contrastive_pairs(prompts, new_samples, new_rewards, old_samples,
                                                                  old_rewards, cfg.contrastive_filter,
                                                                  cfg.drop_truncated)
+                if cfg.rm_update == "oracle":  # the positive control: the same pairs, labelled by gold
+                    pair_sets = {kind: self.gold_oriented(split, pairs) for kind, pairs in pair_sets.items()}
+                elif cfg.rm_update == "random":  # the negative control: the same pairs, labelled by a coin
+                    coin = np.random.default_rng(self._seed(f"{phase}/random_labels"))
+                    pair_sets = {kind: oriented_pairs(pairs, coin.random(len(pairs)) < 0.5, "random")
+                                 for kind, pairs in pair_sets.items()}
                 for kind, pairs in pair_sets.items():
                     self.rd.write_jsonl(f"{phase}/{kind}_pairs.jsonl", pairs.rows(kind))
                 params, stats = train_reward_model(self.models, base_rm, list(pair_sets.values()), self.cfg.rm,
@@ -718,9 +846,18 @@ class MutualTaught:
                 summary.update({**counts, **stats})
         return self.rd.load_params(f"iter_{t}/reward_model", like=base_rm)
 
+    def gold_oriented(self, split: str, pairs: PairSet) -> PairSet:
+        """`pairs` (of `split`'s prompts) each oriented by the task's gold reward; gold ties dropped, counted."""
+        rows = {tuple(ids): row for ids, row in zip(self.prompt_ids(split), self.splits[split], strict=True)}
+        texts = [[response_text(self.models, c), response_text(self.models, r)]
+                 for c, r in zip(pairs.chosen, pairs.rejected, strict=True)]
+        gold = self.task.gold_rewards([rows[tuple(p)] for p in pairs.prompts], texts)
+        keep = [None if math.isnan(a) or math.isnan(b) or a == b else a > b for a, b in gold]
+        return oriented_pairs(pairs, keep, "gold")
+
     def evaluate(self, t: int, policy_params: Any, rm_params: Any) -> dict:
-        """π_t and r_t on `eval.benchmarks` (see `mtjax.iteration_eval`): the testbed's held-out split and/or
-        the paper's benchmarks.
+        """π_t and r_t on `eval.benchmarks` (see `mtjax.iteration_eval`): the task's held-out split ('testbed',
+        `mtjax.tasks`) and/or the paper's benchmarks.
 
         Writes `iter_t/eval/results.json` (flat) and `eval/iter_t.json` (the report's nested names)."""
         from mtjax.iteration_eval import evaluate_benchmarks
@@ -731,7 +868,7 @@ class MutualTaught:
                 metrics: dict[str, Any] = {}
                 result: dict[str, Any] = {"iteration": t}
                 if "testbed" in self.eval_cfg.benchmarks:
-                    metrics, flat = self._evaluate_testbed(phase, policy_params, rm_params)
+                    metrics, flat = self.task.evaluate_heldout(self, phase, policy_params, rm_params)
                     result.update(flat)
                 benchmarks = evaluate_benchmarks(self, t, phase, policy_params, rm_params, self.judge_params)
                 metrics.update(benchmarks)
@@ -750,46 +887,6 @@ class MutualTaught:
         if not hasattr(self, "_judge"):
             self._judge = self.params_at(0)[1]
         return self._judge
-
-    def _evaluate_testbed(self, phase: str, policy_params: Any, rm_params: Any) -> tuple[dict, dict]:
-        """The testbed's held-out split: π_t's gold reward, IFEval-style accuracies and lengths; r_t's accuracy
-        against gold labels on pairs of π_t's and of π0's samples."""
-        from mtjax.evaluate import evaluate_instruction_following, gold_pairwise_accuracy
-
-        split = "heldout_eval"
-        ev = self.eval_cfg
-        sampling = dataclasses.replace(self.sampling, temperature=ev.temperature)
-        samples, _ = self.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
-        prompts = self.instruction_prompts(split)
-        rows = self.sample_rows(f"{phase}/samples.jsonl", split)
-        texts = [[r["text"] for r in group] for group in rows]
-        flat_prompts = [p for p, s in zip(prompts, texts, strict=True) for _ in s]
-        policy = evaluate_instruction_following(flat_prompts, responses=[x for s in texts for x in s],
-                                                progress=False)
-        tokens = np.asarray([len(x.ids) for s in samples for x in s], np.float64)
-        policy.update(length_mean_tokens=float(tokens.mean()),
-                      length_p95_tokens=float(np.percentile(tokens, 95)),
-                      truncated_fraction=float(np.mean([not x.stopped for s in samples for x in s])))
-        base_rows = self.sample_rows("iter_0/eval/samples.jsonl", split)
-        base_texts = [[r["text"] for r in group] for group in base_rows]
-        # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
-        # an EOS to truncated responses: not what the RM saw in training).
-        score_fn = self.text_score_fn(rm_params, {**self.ids_by_text(split, rows),
-                                                  **self.ids_by_text(split, base_rows)})
-        rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts, progress=is_primary())
-        rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts, progress=is_primary())
-        metrics = {
-            "policy": {"gold_reward": policy["gold_reward_strict"],
-                       "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
-                       **{k: policy[k] for k in _LENGTH_KEYS}},
-            "rm": {"accuracy_current_policy": rm_current.get("accuracy", float("nan")),
-                   "accuracy_base_policy": rm_base.get("accuracy", float("nan")),
-                   "pairs_current_policy": rm_current.get("num_pairs", 0),
-                   "pairs_base_policy": rm_base.get("num_pairs", 0)},
-        }
-        flat = {**_prefixed("policy", policy), **_prefixed("rm_acc_current_policy", rm_current),
-                **_prefixed("rm_acc_base_policy", rm_base)}
-        return metrics, flat
 
     def _pair_counts(self, t: int) -> dict[str, int]:
         """How many pairs each training phase of iteration t used (and dropped), from its summary."""
@@ -818,8 +915,9 @@ class MutualTaught:
     def run(self) -> list[dict]:
         start = time.perf_counter()
         self.tracker.open()
+        policy = self.base_policy()
         base_rm = self.base_reward_model()
-        policy, rm = self.models.policy_params, base_rm
+        rm = base_rm
         results = [self.evaluate(0, policy, rm)]
         kept = 0  # the iteration whose policy the loop continues from
         for t in self.iterations:
@@ -881,9 +979,10 @@ class MutualTaught:
         return {phase: self.rd.summary(phase).get("wall_seconds", float("nan")) for phase in self.rd.completed()}
 
 
-# Phases whose outputs do not depend on the `mt` section (and their files): arms of an ablation that
-# differ only there can share them instead of recomputing r0 and the base policy's evaluation.
-SHARED_PHASES = {"prompts": ("prompts",), "base_rm": ("base_rm",), "iter_0/eval": ("iter_0/eval", "eval/iter_0.json")}
+# The phases a run can take from another run instead of computing them (and their files): prompts, π0 and
+# r0 and the base policy's evaluation. Arms of an ablation (configs differing only in `mt`) share all of them.
+SHARED_PHASES = {"prompts": ("prompts",), "sft": ("sft",), "base_rm": ("base_rm",),
+                 "iter_0/eval": ("iter_0/eval", "eval/iter_0.json")}
 
 
 def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
@@ -891,14 +990,29 @@ def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
     phases taken. Refuses when the two configs differ outside `mt` (then the phases would differ)."""
     from mtjax.rundir import ConfigMismatchError, RunDir, config_changes
 
-    theirs = RunDir.read_config(source)
-    changes = [c for c in config_changes(theirs, cfg.to_dict()) if not c.startswith("mt.")]
+    changes = [c for c in config_changes(RunDir.read_config(source), cfg.to_dict()) if not c.startswith("mt.")]
     if changes:
         raise ConfigMismatchError(f"cannot share phases of {source}: configs differ outside `mt`: {'; '.join(changes)}")
+    return share_phases(source, cfg, workdir)
+
+
+def share_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
+    """Starts run `workdir` (config `cfg`) from those finished `SHARED_PHASES` of run `source` whose outputs
+    do not depend on how the two configs differ (`phases.independent_of`) nor on a phase left unshared: e.g.
+    the prompts and π0 (`sft`) of a study's other seeds. Returns the phases taken."""
+    from mtjax.rundir import RunDir, config_diff
+
     src, dst = RunDir.open_read_only(source), RunDir(workdir, cfg.to_dict())
-    phases = {name: files for name, files in SHARED_PHASES.items() if src.done(name) and not dst.done(name)}
-    dst.adopt_phases(src, phases)
-    return list(phases)
+    changes = config_diff(src.config, cfg.to_dict())
+    gated = cfg.mt.gate_win_rate is not None
+    taken: dict[str, tuple[str, ...]] = {}
+    for name, files in SHARED_PHASES.items():
+        inputs = [p for p in src.completed() if depends_on(name, p, gated)]
+        if (src.done(name) and not dst.done(name) and all(c.within(independent_of(name)) for c in changes)
+                and all(p in taken or dst.done(p) for p in inputs)):
+            taken[name] = files
+    dst.adopt_phases(src, taken)
+    return list(taken)
 
 
 def contrastive_pairs(prompts, new_samples, new_rewards, old_samples, old_rewards, filter_by_std: bool,
@@ -927,6 +1041,25 @@ def contrastive_pairs(prompts, new_samples, new_rewards, old_samples, old_reward
     return pairs
 
 
+def oriented_pairs(pairs: PairSet, keep: Sequence[bool | None], label: str) -> PairSet:
+    """`pairs` with each pair kept as it is (True), swapped (False) or dropped (None: a tie); the swaps and
+    drops are counted as `{label}_swapped` and `{label}_ties_dropped`."""
+    out = PairSet([], [], [], Counter(pairs.counts))
+    out.counts.update({f"{label}_swapped": 0, f"{label}_ties_dropped": 0})
+    for prompt, chosen, rejected, k in zip(pairs.prompts, pairs.chosen, pairs.rejected, keep, strict=True):
+        if k is None:
+            out.counts[f"{label}_ties_dropped"] += 1
+            continue
+        if not k:
+            chosen, rejected = rejected, chosen
+            out.counts[f"{label}_swapped"] += 1
+        out.prompts.append(prompt)
+        out.chosen.append(chosen)
+        out.rejected.append(rejected)
+    out.counts["pairs"] = len(out)
+    return out
+
+
 def _eval_config_class():
     from mtjax.iteration_eval import EvalConfig
 
@@ -948,28 +1081,11 @@ def _length_summary(pairs: PairSet) -> dict[str, float]:
             "rejected_len_mean": float(rejected.mean()), "rejected_len_p95": float(np.percentile(rejected, 95))}
 
 
-_HELDOUT_KEYS = ("prompt_level_strict", "prompt_level_loose", "instruction_level_strict", "instruction_level_loose",
-                 "gold_reward_loose")
-_LENGTH_KEYS = ("length_mean_tokens", "length_p95_tokens", "length_mean_words", "length_p95_words",
-                "truncated_fraction")
-
-
 def _group_rows(rows: Sequence[dict], order: Sequence[str]) -> list[list[dict]]:
     grouped: dict[str, list[dict]] = {}
     for row in rows:
         grouped.setdefault(row["prompt_id"], []).append(row)
     return [grouped[pid] for pid in order]
-
-
-def _prefixed(prefix: str, values: Mapping[str, Any]) -> dict[str, Any]:
-    return {f"{prefix}_{k}": v for k, v in values.items() if isinstance(v, (int, float))}
-
-
-def _safe_accuracy(fn, score_fn, prompts, texts, **kwargs: Any) -> dict[str, Any]:
-    try:
-        return fn(score_fn, prompts, texts, **kwargs)
-    except ValueError as e:  # every sample tied under the gold reward: no pair to judge
-        return {"unavailable": 1, "reason_all_tied": 1 if "tie" in str(e) else 0}
 
 
 def _say(message: str) -> None:

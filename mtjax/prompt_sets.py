@@ -26,12 +26,14 @@ Prompt = str | list  # a string, or chat turns [{"role": ..., "content": ...}, .
 class PromptConfig:
     """Where the training prompts come from and how many each split takes.
 
-    source: 'testbed' (generated verifiable-instruction prompts) or a prompt set for D_1..D_T and D_R
-      (a local file, a `save_to_disk` folder, or a hub dataset id read with `split` / `column` /
-      `revision`); the held-out testbed evaluation and the base-RM label split always come from the testbed.
+    source: 'testbed' (the prompts the run's task generates, `mtjax.tasks`) or a prompt set for D_1..D_T
+      and D_R (a local file, a `save_to_disk` folder, or a hub dataset id read with `split` / `column` /
+      `revision`; testbed task only); the held-out evaluation and the base-RM label split always come
+      from the task.
     column: the prompt column: a string, or chat turns (e.g. `messages`, or a `prompt` list of turns).
-    seed: shuffles the prompt set before it is split (the testbed generator's seed too).
-    policy: one size per iteration (D_1..D_T); reward_model: |D_R|; base_rm_labels, heldout_eval: testbed.
+    seed: shuffles the prompt set before it is split (the task's prompt generator's seed too).
+    policy: one size per iteration (D_1..D_T); reward_model: |D_R|; base_rm_labels, heldout_eval: the task's;
+      sft: the task's prompts whose demonstrations train π0 in the sft phase (0 = none).
     max_prompt_tokens: longer prompts (in the policy's chat template) are dropped before sampling.
     """
 
@@ -44,6 +46,7 @@ class PromptConfig:
     reward_model: int = 8
     base_rm_labels: int = 8
     heldout_eval: int = 8
+    sft: int = 0
     max_prompt_tokens: int = 512
 
     def __post_init__(self) -> None:
@@ -53,8 +56,9 @@ class PromptConfig:
         for name in ("reward_model", "heldout_eval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 problems.append(f"{name}={getattr(self, name)!r} must be an int >= 1")
-        if not isinstance(self.base_rm_labels, int) or self.base_rm_labels < 0:
-            problems.append(f"base_rm_labels={self.base_rm_labels!r} must be an int >= 0")
+        for name in ("base_rm_labels", "sft"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                problems.append(f"{name}={getattr(self, name)!r} must be an int >= 0")
         if not isinstance(self.max_prompt_tokens, int) or self.max_prompt_tokens < 1:
             problems.append(f"max_prompt_tokens={self.max_prompt_tokens!r} must be an int >= 1")
         if not self.source or not self.column or not self.split:

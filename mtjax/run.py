@@ -34,12 +34,16 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Multi-host with jax's au
 # The headline rows of the end-of-run table (the full table and plots are in RUN_DIR/report/).
 SUMMARY_METRICS = (
     "policy/gold_reward",
+    "policy/gold_reward_se",
     "policy/heldout/prompt_level_strict",
     "policy/heldout/instruction_level_loose",
     "policy/length_mean_tokens",
     "policy/truncated_fraction",
+    "policy/coverage",  # the synthetic task's
+    "policy/decoy_rate",
     "rm/accuracy_current_policy",
     "rm/accuracy_base_policy",
+    "rm/r0_accuracy_current_policy",
     "rm/pairs_current_policy",
     "pairs/policy",
     "pairs/rm_contrastive",

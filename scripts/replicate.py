@@ -1,4 +1,4 @@
-"""The paper's ablation on the offline testbed: every arm on identical prompts and seeds, then aggregated.
+"""The paper's ablation on a testbed: every arm on identical prompts and seeds, then aggregated.
 
 Arms (all from ``configs/mt.py`` with one preset; ``--override key=value`` applies to every arm):
 
@@ -7,18 +7,24 @@ Arms (all from ``configs/mt.py`` with one preset; ``--override key=value`` appli
     self_only         mt.rm_update=self_only                        M-step on D(PM) only
     contrastive_only  mt.rm_update=contrastive_only                 M-step on D(PM_new, PM_old) only
     offline           mt.rm_update=frozen, mt.schedule=offline      one offline DPO round from π0
+    oracle            mt.rm_update=oracle                           mutual's M-step pairs labelled by gold
+    random            mt.rm_update=random                           mutual's M-step pairs labelled by a coin
+    mutual_filtered   mt.rm_update=mutual, mt.contrastive_filter=true   the paper's revision: contrastive pairs
+                                                                    that r_{t-1} rejects by > 1 std dropped
 
 A seed sets ``cfg.seed`` and ``cfg.reward_model.head_seed``; ``prompts.seed`` stays fixed, so every arm and
 seed sees the same prompt splits. Per seed, ``mutual`` runs first in ``WORKDIR/seed_S/mutual``; every other
-arm starts in ``WORKDIR/seed_S/ARM`` from mutual's finished base phases (prompts, r0, iteration-0 eval:
-``em.share_base_phases``). Seed-major order, so partial results are useful; rerunning resumes (finished arms,
-those with a ``summary.json``, are skipped; an unfinished one resumes by phase).
+arm starts in ``WORKDIR/seed_S/ARM`` from mutual's finished base phases (prompts, π0, r0, iteration-0 eval:
+``em.share_base_phases``), and the first seed's prompts and π0 (an `sft` phase has its own seed) are shared
+by the later seeds (``em.share_phases``). Seed-major order, so partial results are useful; rerunning resumes
+(finished arms, those with a ``summary.json``, are skipped; an unfinished one resumes by phase).
 
-Extra evaluation per arm/seed/iteration (``ARM/alpaca_eval/iter_t.json``, computed once): the RM-judged
-AlpacaEval-2-style win rate of π_t (greedy, ``cfg.sampling.max_new_tokens``) against the GPT-4-turbo
-references on the first ``--alpaca-prompts`` prompts, judged by that seed's base RM r0.
+Extra evaluation per arm/seed/iteration on the testbed task (``ARM/alpaca_eval/iter_t.json``, computed
+once): the RM-judged AlpacaEval-2-style win rate of π_t (greedy, ``cfg.sampling.max_new_tokens``) against
+the GPT-4-turbo references on the first ``--alpaca-prompts`` prompts, judged by that seed's base RM r0.
 
     python scripts/replicate.py --preset default --seeds 0,1,2 --workdir runs/replicate
+    python scripts/replicate.py --preset synthetic --workdir runs/synthetic   # the controlled study (issue 18)
     python scripts/replicate.py --workdir runs/replicate --report-only      # aggregate what is finished
 
 Writes ``WORKDIR/results.md``, ``WORKDIR/results.json`` and PNG plots (see docs/replicate.md).
@@ -50,11 +56,20 @@ ARMS: dict[str, dict[str, str]] = {
     "self_only": {"rm_update": "self_only"},
     "contrastive_only": {"rm_update": "contrastive_only"},
     "offline": {"rm_update": "frozen", "schedule": "offline"},
+    "oracle": {"rm_update": "oracle"},
+    "random": {"rm_update": "random"},
+    "mutual_filtered": {"rm_update": "mutual", "contrastive_filter": True},
 }
+# What a preset runs unless the command line says otherwise (the synthetic study of issue 18: six arms, five
+# seeds, no AlpacaEval: its tokenizer holds 21 words, not English).
+DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds": "0,1,2", "alpaca_prompts": 16}
+PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
+                                 "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
 # Keys the script sets itself: an override may not touch them.
 RESERVED = ("seed", "reward_model.head_seed", "mt.rm_update", "mt.policy_prompts", "mt.schedule")
 
-# (key in results.json, label, where: "eval" = flattened eval/iter_t.json name, "alpaca" = alpaca json key)
+# (key in results.json, label, where: "eval" = flattened eval/iter_t.json name, "alpaca" = alpaca json key),
+# per task (`task.name`).
 METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("gold_reward", "gold reward", "eval", "policy/gold_reward"),
     ("prompt_level_strict", "IFEval prompt strict", "eval", "policy/heldout/prompt_level_strict"),
@@ -67,9 +82,28 @@ METRICS: tuple[tuple[str, str, str, str], ...] = (
     ("rm_accuracy_current_policy", "RM acc. current policy", "eval", "rm/accuracy_current_policy"),
     ("rm_accuracy_base_policy", "RM acc. base policy", "eval", "rm/accuracy_base_policy"),
 )
-POLICY_METRICS = [m[0] for m in METRICS if not m[0].startswith("rm_")]
-RM_METRICS = [m[0] for m in METRICS if m[0].startswith("rm_")]
+_BY_KEY = {m[0]: m for m in METRICS}
+# The synthetic task has no IFEval checks nor English text: gold, its readable parts (coverage) and what gold does
+# not reward (words, the decoy), and r0's accuracy on π_t's samples next to r_t's (the method's premise).
+SYNTHETIC_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    _BY_KEY["gold_reward"],
+    ("coverage", "item coverage", "eval", "policy/coverage"),
+    ("length_mean_words", "words", "eval", "policy/length_mean_words"),
+    ("decoy_rate", "decoy rate", "eval", "policy/decoy_rate"),
+    _BY_KEY["truncated_fraction"],
+    ("rm_accuracy_current_policy", "r_t acc. on π_t", "eval", "rm/accuracy_current_policy"),
+    ("rm_accuracy_base_policy", "r_t acc. on π0", "eval", "rm/accuracy_base_policy"),
+    ("rm_r0_accuracy_current_policy", "r0 acc. on π_t", "eval", "rm/r0_accuracy_current_policy"),
+)
+METRICS_OF_TASK = {"testbed": METRICS, "synthetic": SYNTHETIC_METRICS}
 LABELS = {m[0]: m[1] for m in METRICS}
+
+
+def metric_groups(metrics: Sequence[tuple[str, str, str, str]]) -> tuple[list[str], list[str], dict[str, str]]:
+    """(policy metric keys, RM metric keys, key -> label) of a task's metrics."""
+    keys = [m[0] for m in metrics]
+    return ([k for k in keys if not k.startswith("rm_")], [k for k in keys if k.startswith("rm_")],
+            {m[0]: m[1] for m in metrics})
 
 
 # ----------------------------------------------------------------------------- configs
@@ -278,10 +312,15 @@ def run_arm(args, arm: str, seed: int, examples) -> dict:
             want_alpaca.remove(0)
     if finished and not want_alpaca:
         return {"status": "done", "seconds": 0.0}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     if arm != "mutual":
         validate_config(cfg)
         em.share_base_phases(str(seed_dir / "mutual"), cfg, str(arm_dir))
+    elif seed != args.seeds_list[0] and not finished:  # the first seed's prompts and π0 (sft has its own seed)
+        first = Path(args.workdir) / f"seed_{args.seeds_list[0]}" / "mutual"
+        if (first / "summary.json").is_file():
+            validate_config(cfg)
+            em.share_phases(str(first), cfg, str(arm_dir))
     run = em.MutualTaught(cfg, str(arm_dir))
     if not finished:
         run.run()
@@ -289,7 +328,9 @@ def run_arm(args, arm: str, seed: int, examples) -> dict:
         cache = seed_dir / "mutual" / "alpaca_eval" / "reference_scores.json"
         write_json(arm_dir / "alpaca_eval" / f"iter_{t}.json", alpaca_eval(run, t, examples, settings, cache))
     del run
-    return {"status": "resumed" if finished else "ran", "seconds": time.perf_counter() - start}
+    seconds = time.perf_counter() - start
+    add_arm_seconds(arm_dir, seconds, time.process_time() - cpu)
+    return {"status": "resumed" if finished else "ran", "seconds": seconds}
 
 
 # ----------------------------------------------------------------------------- aggregation
@@ -301,44 +342,47 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
     return flatten_metrics(d, prefix)
 
 
-def read_arm(arm_dir: Path) -> dict[int, dict[str, float]]:
+def read_arm(arm_dir: Path, metrics: Sequence[tuple[str, str, str, str]] = METRICS) -> dict[int, dict[str, float]]:
     """iteration -> metric -> value for one run directory (eval/iter_t.json, alpaca_eval/iter_t.json)."""
     out: dict[int, dict[str, float]] = {}
     for path in sorted((arm_dir / "eval").glob("iter_*.json")):
         record = read_json(path)
         t = int(record["iteration"])
         flat = _flatten(record["metrics"])
-        out[t] = {key: flat.get(name, math.nan) for key, _, where, name in METRICS if where == "eval"}
+        out[t] = {key: flat.get(name, math.nan) for key, _, where, name in metrics if where == "eval"}
     for path in sorted((arm_dir / "alpaca_eval").glob("iter_*.json")):
         record = read_json(path)
         t = int(record["iteration"])
         if t in out:
-            for key, _, where, name in METRICS:
+            for key, _, where, name in metrics:
                 if where == "alpaca":
                     value = record["metrics"].get(name)
                     out[t][key] = math.nan if value is None else float(value)
     return out
 
 
-def arm_seconds(arm: str, arm_dir: Path) -> float | None:
-    """Compute time of the arm: its own phases (shared ones counted in mutual) plus its AlpacaEval runs."""
-    summary = read_json(arm_dir / "summary.json")
-    if not summary:
-        return None
-    from mtjax.em import SHARED_PHASES
+SECONDS_FILE = "replicate_seconds.json"  # per arm directory: what running it took (summed over resumes)
 
-    phases = summary.get("phase_seconds", {})
-    total = sum(v for k, v in phases.items() if arm == "mutual" or k not in SHARED_PHASES)
-    for path in (arm_dir / "alpaca_eval").glob("iter_*.json"):
-        total += float(read_json(path)["metrics"].get("seconds", 0.0))
-    return total
+
+def arm_seconds(arm_dir: Path) -> dict[str, float] | None:
+    """Wall and CPU seconds (all threads of the process) that running the arm took, AlpacaEval included,
+    shared phases not (they count where they ran)."""
+    return read_json(arm_dir / SECONDS_FILE)
+
+
+def add_arm_seconds(arm_dir: Path, wall: float, cpu: float) -> None:
+    before = arm_seconds(arm_dir) or {"wall": 0.0, "cpu": 0.0}
+    write_json(arm_dir / SECONDS_FILE, {"wall": before["wall"] + wall, "cpu": before["cpu"] + cpu})
 
 
 def _stats(values: Sequence[float]) -> dict:
+    """Mean, std (ddof 1) and the half-width of the 95 % Student-t confidence interval of the mean."""
     v = np.asarray([x for x in values if x is not None and not math.isnan(x)], np.float64)
     if not len(v):
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None, "n": int(len(v))}
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    std = float(v.std(ddof=1)) if len(v) > 1 else None
+    ci = t_critical(len(v)) * std / math.sqrt(len(v)) if std is not None else None
+    return {"mean": float(v.mean()), "std": std, "ci95": ci, "n": int(len(v))}
 
 
 # Two-sided 95% critical values of Student's t for n − 1 = 1..9 degrees of freedom (then ~normal): with
@@ -352,8 +396,9 @@ def t_critical(n: int) -> float:
 
 def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, float], expect: str) -> dict:
     """a − b over the seeds both have (paired: same seed = same prompts, r0 and π0). `expect` '>' means the
-    claim predicts a > b. Noise: the standard error of the mean paired difference; the difference counts
-    when |mean| > t·SE, t the 95% two-sided Student critical value for n − 1 degrees of freedom."""
+    claim predicts a > b, '<' that a < b. Noise: the standard error of the mean paired difference; the
+    difference counts when |mean| > t·SE, t the 95% two-sided Student critical value for n − 1 degrees of
+    freedom (the paired t-test at p < 0.05; `p` is its two-sided p-value, `z` the difference in SEs)."""
     seeds = sorted(set(a) & set(b))
     diffs = np.asarray([a[s] - b[s] for s in seeds if not (math.isnan(a[s]) or math.isnan(b[s]))], np.float64)
     row = {"claim": name, "metric": metric, "n": int(len(diffs)), "mean_diff": None, "se": None}
@@ -370,13 +415,20 @@ def compare(name: str, metric: str, a: Mapping[int, float], b: Mapping[int, floa
                 + " (1 seed: no noise estimate)"}
     se = float(diffs.std(ddof=1) / math.sqrt(len(diffs)))
     t = t_critical(len(diffs))
-    row.update(se=se, t=t)
+    row.update(se=se, t=t, z=mean / se if se > 0 else math.inf, p=paired_p_value(mean, se, len(diffs)))
     beyond = abs(mean) > t * se
     if right:
         verdict = f"supported (|diff| > {t:.1f} SE)" if beyond else "direction as claimed, within noise"
     else:
         verdict = f"contradicted (|diff| > {t:.1f} SE)" if beyond else "opposite to claim, within noise"
     return {**row, "verdict": verdict}
+
+
+def paired_p_value(mean: float, se: float, n: int) -> float:
+    """Two-sided p-value of the paired t-test (n − 1 degrees of freedom)."""
+    from scipy import stats
+
+    return 0.0 if se == 0 else float(2 * stats.t.sf(abs(mean) / se, n - 1))
 
 
 def _policy_pairs(arm_dir: Path, t: int) -> dict[tuple, tuple] | None:
@@ -411,15 +463,53 @@ def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], ite
     return out
 
 
-def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+# The pairs files a run stores (phase folder, file stem) and how the tables name them.
+PAIR_FILES = {("e_step", "pairs"): "E-step (policy)", ("m_step", "self_pairs"): "M-step self-training",
+              ("m_step", "contrastive_pairs"): "M-step contrastive"}
+
+
+def pair_gold_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
+    """arm -> pair kind -> t -> stats over seeds of the fraction of the arm's stored training pairs whose chosen
+    response has the higher gold reward (gold ties left out): how right the labels each step trains on are.
+    For the synthetic task, whose token ids decode to the exact response text."""
+    from mtjax import settings, synthetic
+    from mtjax.rundir import read_jsonl
+    from mtjax.tasks import SyntheticTask
+
+    tokenizer = synthetic.make_tokenizer()
+    out: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for arm in arms:
+        for seed in seeds:
+            arm_dir = workdir / f"seed_{seed}" / arm
+            config = read_json(arm_dir / "config.json")
+            if config is None:
+                continue
+            task = SyntheticTask(settings.build(synthetic.TaskConfig, config["task"]))
+            for (folder, stem), kind in PAIR_FILES.items():
+                for path in sorted(arm_dir.glob(f"iter_*/{folder}/{stem}.jsonl")):
+                    rows = read_jsonl(path)
+                    texts = [[tokenizer.decode(r[k], skip_special_tokens=True) for k in ("chosen_ids", "rejected_ids")]
+                             for r in rows]
+                    prompts = [{"prompt": tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)} for r in rows]
+                    right = [a > b for a, b in task.gold_rewards(prompts, texts) if a != b]
+                    if right:
+                        t = path.parts[-3].removeprefix("iter_")
+                        out.setdefault(arm, {}).setdefault(kind, {}).setdefault(t, []).append(float(np.mean(right)))
+    return {arm: {kind: {t: {**_stats(v), "values": v} for t, v in sorted(by_t.items())}
+                  for kind, by_t in by_kind.items()} for arm, by_kind in out.items()}
+
+
+def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: str = "testbed") -> dict:
+    metrics = METRICS_OF_TASK[task]
+    labels = metric_groups(metrics)[2]
     per_seed: dict[str, dict[int, dict[int, dict[str, float]]]] = {}  # arm -> seed -> t -> metric
-    seconds: dict[str, dict[int, float]] = {}
+    seconds: dict[str, dict[int, dict[str, float]]] = {}
     for arm in arms:
         for seed in seeds:
             arm_dir = workdir / f"seed_{seed}" / arm
             if (arm_dir / "eval").is_dir():
-                per_seed.setdefault(arm, {})[seed] = read_arm(arm_dir)
-            s = arm_seconds(arm, arm_dir)
+                per_seed.setdefault(arm, {})[seed] = read_arm(arm_dir, metrics)
+            s = arm_seconds(arm_dir)
             if s is not None:
                 seconds.setdefault(arm, {})[seed] = s
     table: dict[str, dict[str, dict[str, dict]]] = {}
@@ -428,7 +518,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
         table[arm] = {}
         for t in iterations:
             table[arm][str(t)] = {}
-            for key in LABELS:
+            for key in labels:
                 values = {s: runs[t].get(key, math.nan) for s, runs in by_seed.items() if t in runs}
                 table[arm][str(t)][key] = {**_stats(list(values.values())),
                                            "values": {str(s): (None if math.isnan(v) else v)
@@ -448,39 +538,80 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
 
     claims = []
     mutual_its = sorted(int(t) for t in table.get("mutual", {}))
+    gold, current, base, r0_current = ("gold_reward", "rm_accuracy_current_policy", "rm_accuracy_base_policy",
+                                       "rm_r0_accuracy_current_policy")
     for t in mutual_its[1:]:
-        claims.append(compare(f"(1) policy improves: mutual iter {t} vs {t - 1}", "gold_reward",
-                              at("mutual", t, "gold_reward"), at("mutual", t - 1, "gold_reward"), ">"))
+        claims.append(compare(f"(1) policy improves: mutual iter {t} vs {t - 1}", gold, at("mutual", t, gold),
+                              at("mutual", t - 1, gold), ">"))
+    if len(mutual_its) > 2:
+        last = mutual_its[-1]
+        claims.append(compare(f"(1) policy improves over the run: mutual iter {last} vs 0", gold,
+                              at("mutual", last, gold), at("mutual", 0, gold), ">"))
     for t in mutual_its[1:]:
-        claims.append(compare(f"(2) RM improves on current policy: mutual r_{t} on π_{t} vs r_0 on π_0",
-                              "rm_accuracy_current_policy", at("mutual", t, "rm_accuracy_current_policy"),
-                              at("mutual", 0, "rm_accuracy_current_policy"), ">"))
-        claims.append(compare(f"(2) RM on base policy: mutual r_{t} vs r_0 on π_0's samples",
-                              "rm_accuracy_base_policy", at("mutual", t, "rm_accuracy_base_policy"),
-                              at("mutual", 0, "rm_accuracy_base_policy"), ">"))
+        claims.append(compare(f"(2) RM improves on current policy: mutual r_{t} on π_{t} vs r_0 on π_0", current,
+                              at("mutual", t, current), at("mutual", 0, current), ">"))
+        if r0_current in labels:  # the same pairs judged by both: the M-step's own effect on the RM
+            claims.append(compare(f"(2) M-step improves the RM on π_{t}: mutual r_{t} vs r_0 on π_{t}'s samples",
+                                  current, at("mutual", t, current), at("mutual", t, r0_current), ">"))
+        claims.append(compare(f"(2) RM on base policy: mutual r_{t} vs r_0 on π_0's samples", base,
+                              at("mutual", t, base), at("mutual", 0, base), ">"))
     if "frozen" in per_seed:
-        claims.append(compare("(2) RM on current policy, final: mutual r_T on π_T vs frozen r_0 on its π_T",
-                              "rm_accuracy_current_policy", final("mutual", "rm_accuracy_current_policy"),
-                              final("frozen", "rm_accuracy_current_policy"), ">"))
+        claims.append(compare("(2) RM on current policy, final: mutual r_T on π_T vs frozen r_0 on its π_T", current,
+                              final("mutual", current), final("frozen", current), ">"))
     for other in ("frozen", "self_only", "contrastive_only", "offline"):
-        if other not in per_seed:
-            continue
-        for key in ("gold_reward", "alpaca_win_rate"):
-            claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
-                                  final(other, key), ">"))
+        if other in per_seed:
+            for key in (k for k in (gold, "alpaca_win_rate") if k in labels):
+                claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
+                                      final(other, key), ">"))
+    if "mutual_filtered" in per_seed:  # the paper's revision: does the contrastive filter rescue the M-step?
+        for other in ("mutual", "frozen"):
+            claims.append(compare(f"(3, revision) final iteration: mutual_filtered > {other}", gold,
+                                  final("mutual_filtered", gold), final(other, gold), ">"))
+    claims += control_claims(per_seed, at, final)
     return {"arms": table, "claims": claims,
             "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),
-            "wall_seconds": {arm: {str(s): v for s, v in by.items()} for arm, by in seconds.items()},
+            "pair_gold_agreement": pair_gold_agreement(workdir, arms, seeds) if task == "synthetic" else {},
+            "wall_seconds": {arm: {str(s): v["wall"] for s, v in by.items()} for arm, by in seconds.items()},
+            "cpu_seconds": {arm: {str(s): v["cpu"] for s, v in by.items()} for arm, by in seconds.items()},
             "per_seed": {arm: {str(s): {str(t): m for t, m in runs.items()} for s, runs in by.items()}
                          for arm, by in per_seed.items()}}
 
 
+def control_claims(per_seed: Mapping, at, final) -> list[dict]:
+    """The study's controls and the method's premise: the oracle M-step must raise gold (positive control),
+    random labels must not help (negative control), and r0 should judge the samples of the policies trained
+    against it worse than π0's (the premise that the RM needs updating)."""
+    gold, current, r0_current = "gold_reward", "rm_accuracy_current_policy", "rm_r0_accuracy_current_policy"
+    claims = []
+    for arm in ("oracle", "random"):
+        its = sorted({t for runs in per_seed.get(arm, {}).values() for t in runs})
+        if len(its) > 1:
+            claims.append(compare(f"(control) policy improves over the run: {arm} iter {its[-1]} vs 0", gold,
+                                  at(arm, its[-1], gold), at(arm, 0, gold), ">"))
+    if "oracle" in per_seed:
+        claims.append(compare("(control) final iteration: oracle > mutual", gold, final("oracle", gold),
+                              final("mutual", gold), ">"))
+    if "random" in per_seed:
+        claims.append(compare("(control) final iteration: mutual > random", gold, final("mutual", gold),
+                              final("random", gold), ">"))
+    frozen_its = sorted({t for runs in per_seed.get("frozen", {}).values() for t in runs})
+    if len(frozen_its) > 1:  # frozen keeps r0: its current-policy accuracy is r0's on π_t
+        claims.append(compare(f"(premise) r0 less accurate on frozen's π_{frozen_its[-1]} than on π_0", current,
+                              at("frozen", frozen_its[-1], current), at("frozen", 0, current), "<"))
+    mutual_its = sorted({t for runs in per_seed.get("mutual", {}).values() for t in runs})
+    if len(mutual_its) > 1 and any(not math.isnan(v) for v in at("mutual", mutual_its[-1], r0_current).values()):
+        claims.append(compare(f"(premise) r0 less accurate on mutual's π_{mutual_its[-1]} than on π_0", r0_current,
+                              at("mutual", mutual_its[-1], r0_current), at("mutual", 0, current), "<"))
+    return claims
+
+
 def _cell(stat: Mapping, scale: float = 1.0) -> str:
+    """mean ± half-width of the 95 % CI (n)."""
     if stat["mean"] is None:
         return "-"
     text = f"{stat['mean'] * scale:.3f}"
-    if stat["std"] is not None:
-        text += f" ± {stat['std'] * scale:.3f}"
+    if stat.get("ci95") is not None:
+        text += f" ± {stat['ci95'] * scale:.3f}"
     return f"{text} ({stat['n']})"
 
 
@@ -490,27 +621,35 @@ def _num(x: float | None) -> str:
 
 def markdown(results: Mapping) -> str:
     table, meta = results["arms"], results["meta"]
+    policy_keys, rm_keys, labels = metric_groups(METRICS_OF_TASK[meta.get("task", "testbed")])
     lines = [f"# Mutual-Taught ablation: preset `{meta['preset']}`, seeds {meta['seeds']}", "",
-             "Cells: mean ± std over finished seeds (n). Same prompts for every arm and seed; a seed sets "
-             "`seed` and `reward_model.head_seed`. AlpacaEval WR: π_t greedy vs GPT-4-turbo on the first "
-             f"{meta['alpaca_prompts']} AlpacaEval prompts, judged by the seed's base RM r0 (raw win rate, "
-             "ties half).", ""]
+             "Cells: mean ± half-width of the 95 % confidence interval of the mean (Student t) over finished "
+             "seeds (n). Same prompts for every arm and seed; a seed sets `seed` and `reward_model.head_seed`."]
+    if "alpaca_win_rate" in labels:
+        lines[-1] += (" AlpacaEval WR: π_t greedy vs GPT-4-turbo on the first "
+                      f"{meta['alpaca_prompts']} AlpacaEval prompts, judged by the seed's base RM r0 (raw win rate, "
+                      "ties half).")
+    lines.append("")
     if meta.get("overrides"):
         lines += [f"Overrides: `{' '.join(meta['overrides'])}`", ""]
-    for title, keys in (("Policy", POLICY_METRICS), ("Reward model", RM_METRICS)):
-        lines += [f"## {title}", "", "| arm | iter | " + " | ".join(LABELS[k] for k in keys) + " |",
+    for title, keys in (("Policy", policy_keys), ("Reward model", rm_keys)):
+        lines += [f"## {title}", "", "| arm | iter | " + " | ".join(labels[k] for k in keys) + " |",
                   "| --- | ---: | " + " | ".join("---:" for _ in keys) + " |"]
         for arm, by_t in table.items():
             for t, stats in by_t.items():
                 lines.append(f"| {arm} | {t} | " + " | ".join(_cell(stats[k]) for k in keys) + " |")
         lines.append("")
     lines += ["## Claims", "", "Differences are paired over seeds (a − b per seed, then mean); SE = std of the "
-              "per-seed differences / √n; a difference counts when |mean diff| > t·SE, t the two-sided 95% Student "
-              "critical value for n − 1 degrees of freedom (4.3 for 3 seeds).", "",
-              "| claim | metric | mean diff | SE | n | verdict |", "| --- | --- | ---: | ---: | ---: | --- |"]
+              "per-seed differences / √n; z = mean diff / SE; p = two-sided p-value of the paired t-test; a "
+              "difference counts when p < 0.05, i.e. |mean diff| > t·SE, t the two-sided 95% Student critical "
+              "value for n − 1 degrees of freedom (4.3 for 3 seeds, 2.8 for 5).", "",
+              "| claim | metric | mean diff | SE | z | p | n | verdict |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for c in results["claims"]:
+        z, p = c.get("z"), c.get("p")
         lines.append(f"| {c['claim']} | {c['metric']} | {_num(c['mean_diff'])} | "
-                     f"{'-' if c['se'] is None else format(c['se'], '.4f')} | {c['n']} | {c['verdict']} |")
+                     f"{'-' if c['se'] is None else format(c['se'], '.4f')} | {'-' if z is None else f'{z:+.1f}'} | "
+                     f"{'-' if p is None else f'{p:.3g}'} | {c['n']} | {c['verdict']} |")
     if results.get("pair_agreement"):
         lines += ["", "## E-step pairs shared with mutual", "",
                   "Fraction of mutual's E-step pairs at iteration t that the arm chose identically (same prompt, "
@@ -519,12 +658,26 @@ def markdown(results: Mapping) -> str:
         for arm, by_t in results["pair_agreement"].items():
             for t, stat in by_t.items():
                 lines.append(f"| {arm} | {t} | {_cell(stat)} |")
-    lines += ["", "## Compute time per arm (s; own phases + AlpacaEval, shared base phases counted in mutual)", "",
+    if results.get("pair_gold_agreement"):
+        lines += ["", "## How often the training pairs agree with gold", "",
+                  "Fraction of each step's stored training pairs whose chosen response has the higher gold reward "
+                  "(gold ties left out): E-step pairs chosen by r_{t-1}; M-step self-training pairs labelled by "
+                  "r_{t-1}; contrastive pairs labelled 'π_t's response wins' (oracle: by gold, random: by a coin).",
+                  "", "| arm | pairs | iter | agreement with gold |", "| --- | --- | ---: | ---: |"]
+        for arm, by_kind in results["pair_gold_agreement"].items():
+            for kind, by_t in by_kind.items():
+                for t, stat in by_t.items():
+                    lines.append(f"| {arm} | {kind} | {t} | {_cell(stat)} |")
+    lines += ["", "## Time per arm (s; wall / CPU of all threads; shared phases count where they ran)", "",
               "| arm | " + " | ".join(f"seed {s}" for s in meta["seeds"]) + " |",
               "| --- | " + " | ".join("---:" for _ in meta["seeds"]) + " |"]
     for arm, by_seed in results["wall_seconds"].items():
-        lines.append(f"| {arm} | " + " | ".join(f"{by_seed[str(s)]:.0f}" if str(s) in by_seed else "-"
-                                                 for s in meta["seeds"]) + " |")
+        cpu = results["cpu_seconds"][arm]
+        lines.append(f"| {arm} | " + " | ".join(f"{by_seed[str(s)]:.0f} / {cpu[str(s)]:.0f}" if str(s) in by_seed
+                                                 else "-" for s in meta["seeds"]) + " |")
+    wall = sum(v for by in results["wall_seconds"].values() for v in by.values())
+    cpu = sum(v for by in results["cpu_seconds"].values() for v in by.values())
+    lines += ["", f"Total: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU."]
     lines += ["", "![gold reward](gold_reward.png) ![RM accuracy](rm_accuracy_current_policy.png) "
               "![final iteration](final_iteration.png)", ""]
     return "\n".join(lines)
@@ -543,17 +696,20 @@ def plot(results: Mapping, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     table = results["arms"]
+    labels = metric_groups(METRICS_OF_TASK[results["meta"].get("task", "testbed")])[2]
     paths = []
-    for key, title in (("gold_reward", "Policy gold reward (held-out)"),
-                       ("rm_accuracy_current_policy", "RM accuracy on the current policy's gold pairs")):
+    lines = {"gold_reward": "Policy gold reward (held-out)",
+             "rm_accuracy_current_policy": "RM accuracy on the current policy's gold pairs",
+             "rm_r0_accuracy_current_policy": "r0's accuracy on the current policy's gold pairs"}
+    for key, title in ((k, v) for k, v in lines.items() if k in labels):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for i, (arm, by_t) in enumerate(table.items()):
             pts = [(int(t), s[key]) for t, s in by_t.items() if s[key]["mean"] is not None]
             if pts:
-                xs = np.asarray([t for t, _ in pts], np.float64) + 0.03 * (i - 2)
-                ax.errorbar(xs, [s["mean"] for _, s in pts], yerr=[s["std"] or 0.0 for _, s in pts], marker="o",
-                            capsize=3, label=arm)
-        ax.set_title(title)
+                xs = np.asarray([t for t, _ in pts], np.float64) + 0.04 * (i - (len(table) - 1) / 2)
+                ax.errorbar(xs, [s["mean"] for _, s in pts], yerr=[s.get("ci95") or 0.0 for _, s in pts],
+                            marker="o", capsize=3, label=arm)
+        ax.set_title(f"{title}\nmean ± 95 % CI over seeds", fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_xticks(sorted({int(t) for by_t in table.values() for t in by_t}))
         ax.grid(alpha=0.3)
@@ -566,15 +722,16 @@ def plot(results: Mapping, out: Path) -> list[Path]:
         write_bytes(path, _png(fig))
         plt.close(fig)
         paths.append(path)
-    keys = ("gold_reward", "alpaca_win_rate", "rm_accuracy_current_policy")
+    keys = [k for k in ("gold_reward", "alpaca_win_rate", "rm_accuracy_current_policy",
+                        "rm_r0_accuracy_current_policy") if k in labels]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 4))
     arms = list(table)
     for ax, key in zip(axes, keys, strict=True):
         stats = [table[a][max(table[a], key=int)][key] for a in arms]
         ax.bar(range(len(arms)), [s["mean"] if s["mean"] is not None else 0.0 for s in stats],
-               yerr=[s["std"] or 0.0 for s in stats], capsize=3, color=[f"C{i}" for i in range(len(arms))])
+               yerr=[s.get("ci95") or 0.0 for s in stats], capsize=3, color=[f"C{i}" for i in range(len(arms))])
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
-        ax.set_title(LABELS[key] + " (final iter)", fontsize=9)
+        ax.set_title(labels[key] + " (final iter, ± 95 % CI)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     path = out / "final_iteration.png"
@@ -586,8 +743,8 @@ def plot(results: Mapping, out: Path) -> list[Path]:
 
 def write_results(args, arms: Sequence[str], seeds: Sequence[int]) -> dict:
     workdir = Path(args.workdir)
-    results = aggregate(workdir, arms, seeds)
-    results["meta"] = {"preset": args.preset, "seeds": list(seeds), "arms": list(arms),
+    results = aggregate(workdir, arms, seeds, args.task)
+    results["meta"] = {"preset": args.preset, "task": args.task, "seeds": list(seeds), "arms": list(arms),
                        "overrides": list(args.override), "alpaca_prompts": args.alpaca_prompts,
                        "alpaca_data": str(args.alpaca_data), "alpaca_headline": "raw RM-judged win_rate (%)"}
     text = markdown(results)
@@ -604,16 +761,24 @@ def write_results(args, arms: Sequence[str], seeds: Sequence[int]) -> dict:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="default", help="configs/mt.py preset (default: default)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--seeds", help=f"comma-separated seeds (default {DEFAULTS['seeds']}; synthetic: "
+                        f"{PRESET_DEFAULTS['synthetic']['seeds']})")
+    parser.add_argument("--arms", help=f"comma-separated subset of {', '.join(ARMS)} (default {DEFAULTS['arms']}; "
+                        f"synthetic: {PRESET_DEFAULTS['synthetic']['arms']})")
     parser.add_argument("--workdir", default="runs/replicate")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="config override applied to every arm (repeatable), e.g. sampling.max_new_tokens=64")
-    parser.add_argument("--alpaca-prompts", type=int, default=16, help="AlpacaEval prompts per evaluation (0 = off)")
+    parser.add_argument("--alpaca-prompts", type=int, help="AlpacaEval prompts per evaluation (0 = off; default "
+                        f"{DEFAULTS['alpaca_prompts']}, synthetic: 0)")
     parser.add_argument("--alpaca-data", default=str(DEFAULT_ALPACA),
                         help="AlpacaEval-2 file (or hub id) with GPT-4-turbo reference outputs")
     parser.add_argument("--report-only", action="store_true", help="only aggregate what is finished")
+    parser.add_argument("--compilation-cache", default="~/.cache/mtjax/xla",
+                        help="jax's persistent compilation cache, as for python -m mtjax.run (empty: off)")
     args = parser.parse_args(argv)
+    for name, value in {**DEFAULTS, **PRESET_DEFAULTS.get(args.preset, {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.seeds_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.arms_list = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = [a for a in args.arms_list if a not in ARMS]
@@ -624,19 +789,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.arms_list = ["mutual"] + [a for a in ARMS if a in args.arms_list and a != "mutual"]
     try:
         for arm in args.arms_list:  # bad overrides fail here, before anything runs
-            arm_config(args.preset, args.override, arm, args.seeds_list[0] if args.seeds_list else 0)
+            cfg = arm_config(args.preset, args.override, arm, args.seeds_list[0] if args.seeds_list else 0)
     except ValueError as e:
         parser.error(str(e))
+    args.task = cfg.task.name
+    if args.task != "testbed" and args.alpaca_prompts > 0:
+        parser.error(f"--alpaca-prompts {args.alpaca_prompts}: AlpacaEval needs the testbed task (English prompts); "
+                     f"preset {args.preset!r} runs the {args.task} task (use --alpaca-prompts 0)")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    start, cpu = time.perf_counter(), time.process_time()
     args = parse_args(argv)
     arms, seeds = args.arms_list, args.seeds_list
     failures = []
     if not args.report_only:
         from tqdm.auto import tqdm
 
+        from mtjax.run import enable_compilation_cache
+
+        if args.compilation_cache:
+            enable_compilation_cache(args.compilation_cache)
         examples = []
         if args.alpaca_prompts > 0:
             from mtjax.testbed.benchmarks import load_alpaca_eval
@@ -669,6 +843,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         bar.close()
     results = write_results(args, arms, seeds)
     print("\n" + results["markdown"])
+    print(f"replicate: this invocation took {(time.perf_counter() - start) / 60:.1f} min wall, "
+          f"{(time.process_time() - cpu) / 60:.1f} min CPU")
     print(f"replicate: wrote {Path(args.workdir) / 'results.md'}, results.json and PNGs")
     if failures:
         print("replicate: failures:\n  " + "\n  ".join(failures), file=sys.stderr)

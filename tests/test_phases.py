@@ -23,9 +23,20 @@ def test_what_each_phase_takes_with_it():
 
 
 def test_which_settings_a_finished_phase_leaves_free():
-    assert set(independent_of("prompts")) == {"base_rm", "dpo", "rm", "mt"}  # tokenizers measure against sampling, eval
+    # tokenizers measure against sampling, eval; the splits come from prompts.seed, not the run's seed
+    assert set(independent_of("prompts")) == {"base_rm", "dpo", "rm", "mt", "sft", "seed", "reward_model.head_seed"}
+    # π0 from demonstrations: sft.seed and the policy's settings, nothing the loop or the RM sets
+    assert {"seed", "sampling", "base_rm", "reward_model", "mt"} <= set(independent_of("sft"))
+    assert "policy" not in independent_of("sft") and "prompts" not in independent_of("sft")
     assert "dpo" in independent_of("base_rm") and "sampling" not in independent_of("base_rm")
     assert independent_of("iter_1/e_step") == ("rm",)  # the RM's settings come after the E-step
     assert independent_of("iter_1/m_step") == independent_of("iter_2/eval") == ()
-    assert [training_section(p) for p in ("base_rm", "iter_2/e_step", "iter_1/m_step", "iter_1/eval")] == \
-        ["base_rm", "dpo", "rm", None]
+    assert [training_section(p) for p in ("sft", "base_rm", "iter_2/e_step", "iter_1/m_step", "iter_1/eval")] == \
+        ["sft", "base_rm", "dpo", "rm", None]
+
+
+def test_the_sft_phase_comes_before_r0_and_feeds_everything_after_it():
+    phases = ["prompts", "sft", *PHASES[1:]]
+    assert [p for p in phases if depends_on(p, "sft", False)] == phases[2:]
+    assert depends_on("sft", "prompts", False) and not depends_on("sft", "base_rm", False)
+    assert depends_on("base_rm", "sft", False) and not depends_on("prompts", "sft", False)

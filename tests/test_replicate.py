@@ -84,6 +84,8 @@ def test_overrides_and_bad_arguments(replicate):
     assert cfg.sampling.max_new_tokens == 10 and cfg.mt.contrastive_filter is True
     assert cfg.seed == 3 and cfg.reward_model.head_seed == 3 and cfg.prompts.seed == 0
     assert (cfg.mt.rm_update, cfg.mt.policy_prompts) == ("frozen", "with_rm")
+    filtered = replicate.arm_config("synthetic", [], "mutual_filtered", 0).mt
+    assert (filtered.rm_update, filtered.contrastive_filter) == ("mutual", True)
     for argv in (["--arms", "frozen"], ["--arms", "mutual,nope"], ["--override", "mt.rm_update=frozen"],
                  ["--override", "no.such=1"], ["--override", "sampling.max_new_tokens=abc"]):
         with pytest.raises(SystemExit):
@@ -100,3 +102,37 @@ def test_claim_verdicts_use_student_t_for_few_seeds(replicate):
     against = replicate.compare("c", "m", seeds, {0: 0.10, 1: 0.12, 2: 0.08}, ">")
     assert against["verdict"].startswith("contradicted")
     assert replicate.t_critical(30) == 1.96
+
+
+def test_paired_p_values_are_the_paired_t_test(replicate):
+    from scipy import stats
+
+    a, b = {0: 0.41, 1: 0.38, 2: 0.45, 3: 0.40, 4: 0.39}, {0: 0.36, 1: 0.37, 2: 0.40, 3: 0.41, 4: 0.35}
+    row = replicate.compare("c", "m", a, b, ">")
+    expected = stats.ttest_rel(list(a.values()), list(b.values()))
+    assert row["p"] == pytest.approx(expected.pvalue) and row["z"] == pytest.approx(expected.statistic)
+    assert row["t"] == pytest.approx(stats.t.ppf(0.975, 4), abs=1e-3)
+    assert (row["p"] < 0.05) == row["verdict"].startswith("supported")
+
+
+def test_the_synthetic_study_tests_its_controls_and_premise(replicate):
+    """control_claims on made-up per-seed results: oracle and random over the run and against mutual, and r0's
+    accuracy on the trained policies' samples against π0's (lower, as the premise says)."""
+    def runs(gold0, gold_t, acc_t, r0_t):
+        return {0: {"gold_reward": gold0, "rm_accuracy_current_policy": 0.65, "rm_r0_accuracy_current_policy": 0.65},
+                1: {"gold_reward": gold_t, "rm_accuracy_current_policy": acc_t, "rm_r0_accuracy_current_policy": r0_t}}
+    per_seed = {"mutual": {s: runs(0.35, 0.40 + 0.001 * s, 0.70, 0.60 - 0.002 * s) for s in range(5)},
+                "oracle": {s: runs(0.35, 0.45 + 0.002 * s, 0.75, 0.60) for s in range(5)},
+                "random": {s: runs(0.35, 0.35 + 0.003 * (s % 2), 0.50, 0.60) for s in range(5)},
+                "frozen": {s: runs(0.35, 0.37, 0.60 - 0.001 * s, 0.60 - 0.001 * s) for s in range(5)}}
+
+    def at(arm, t, key):
+        return {s: r[t][key] for s, r in per_seed[arm].items()}
+
+    claims = {c["claim"]: c for c in replicate.control_claims(per_seed, at, lambda arm, key: at(arm, 1, key))}
+    assert claims["(control) policy improves over the run: oracle iter 1 vs 0"]["verdict"].startswith("supported")
+    assert claims["(control) final iteration: oracle > mutual"]["mean_diff"] == pytest.approx(0.052)
+    assert claims["(control) final iteration: mutual > random"]["verdict"].startswith("supported")
+    premise = claims["(premise) r0 less accurate on mutual's π_1 than on π_0"]
+    assert premise["mean_diff"] == pytest.approx(-0.054) and premise["verdict"].startswith("supported")
+    assert claims["(premise) r0 less accurate on frozen's π_1 than on π_0"]["verdict"].startswith("supported")

@@ -24,8 +24,9 @@ policy's samples can latch onto them: the premise the testbed measures.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -67,14 +68,18 @@ class TaskConfig:
                 raise ValueError(f"TaskConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
-def make_prompts(num_prompts: int, seed: int, task: TaskConfig = TaskConfig()) -> list[str]:
-    """`num_prompts` prompt texts (distinct items each, space-separated), reproducible from `seed`."""
+def prompt_stream(seed: int | Sequence[int], task: TaskConfig = TaskConfig()) -> Iterator[str]:
+    """An endless stream of prompt texts (distinct items each, space-separated; a prompt may recur),
+    reproducible from `seed` (an int or a sequence of ints, as numpy's `default_rng` takes)."""
     rng = np.random.default_rng(seed)
-    prompts = []
-    for _ in range(num_prompts):
+    while True:
         size = int(rng.integers(task.min_items, task.max_items + 1))
-        prompts.append(" ".join(ITEMS[i] for i in rng.choice(len(ITEMS), size, replace=False)))
-    return prompts
+        yield " ".join(ITEMS[i] for i in rng.choice(len(ITEMS), size, replace=False))
+
+
+def make_prompts(num_prompts: int, seed: int, task: TaskConfig = TaskConfig()) -> list[str]:
+    """The first `num_prompts` prompts of `prompt_stream(seed, task)`."""
+    return list(itertools.islice(prompt_stream(seed, task), num_prompts))
 
 
 def prompt_items(prompt: str) -> list[str]:

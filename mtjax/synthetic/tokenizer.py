@@ -27,6 +27,9 @@ class SyntheticTokenizer:
     turns end with ``</s>``), then ``<assistant>`` as the generation prompt.
     """
 
+    # What `mtjax.scoring.same_tokenization` compares: the rendering is fixed in code (see the class docstring).
+    chat_template = "synthetic: <s> <role> words per message, </s> after an assistant turn; <assistant> to generate"
+
     def __init__(self, words: Sequence[str]):
         vocab = [*SPECIAL_TOKENS, *words]
         duplicated = sorted({w for w in vocab if vocab.count(w) > 1})
