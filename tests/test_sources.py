@@ -58,7 +58,8 @@ def test_hub_ids_resolve_offline_from_the_cache_and_name_the_local_alternative(f
                                           r"tokenizer from the hub \(HF_HUB_OFFLINE is set.*"
                                           r"--config.reward_model.source=/path/to/folder"):
         describe(ModelSource(source="org/not-cached"), {}, "reward_model")
-    with pytest.raises(SourceError, match=r"neither 'smollm2' nor 'tiny', an existing folder, nor a hub repo id"):
+    with pytest.raises(SourceError, match=r"neither 'smollm2' nor 'tiny' nor 'synthetic', an existing folder, "
+                                          r"nor a hub repo id"):
         describe(ModelSource(source="./no/such/folder"), {}, "policy")
 
 
