@@ -434,27 +434,18 @@ def gold_preference_pairs(
     give no pair and are counted. Use it on held-out prompts with samples from the current policy
     (in-distribution RM accuracy) or from the base policy.
     """
+    from mtjax.gold_pairs import untied_pairs
+
     if len(prompts) != len(samples):
         raise ValueError(f"{len(prompts)} prompts but {len(samples)} lists of samples")
-    pairs: list[PreferenceExample] = []
-    without_pair = tied = 0
-    for prompt, responses in tqdm(
-        list(zip(prompts, samples, strict=True)), desc="gold pairs", disable=not progress
-    ):
-        rewards = [
-            check_response(prompt.instruction_id_list, prompt.kwargs, prompt.prompt, r).reward(mode)
-            for r in responses
-        ]
-        before = len(pairs)
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                if math.isnan(rewards[i]) or math.isnan(rewards[j]) or rewards[i] == rewards[j]:
-                    tied += 1
-                    continue
-                hi, lo = (i, j) if rewards[i] > rewards[j] else (j, i)
-                pairs.append(PreferenceExample(prompt.prompt, responses[hi], responses[lo], subset))
-        without_pair += len(pairs) == before
-    return GoldPairs(pairs, len(prompts), without_pair, tied)
+    rewards = [
+        [check_response(prompt.instruction_id_list, prompt.kwargs, prompt.prompt, r).reward(mode) for r in responses]
+        for prompt, responses in tqdm(list(zip(prompts, samples, strict=True)), desc="gold pairs",
+                                      disable=not progress)
+    ]
+    indices, tied = untied_pairs(rewards)
+    pairs = [PreferenceExample(prompts[p].prompt, samples[p][hi], samples[p][lo], subset) for p, hi, lo in indices]
+    return GoldPairs(pairs, len(prompts), len(prompts) - len({p for p, _, _ in indices}), tied)
 
 
 def gold_pairwise_accuracy(
