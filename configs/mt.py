@@ -1,4 +1,4 @@
-"""Mutual-Taught run configurations: `--config=configs/mt.py[:PRESET]` with `--config.a.b=value` overrides.
+"""Mutual-Taught run configurations: `--config=configs/mt.py[:PRESET[,ARM]]` with `--config.a.b=value` overrides.
 
 Every section holds the fields of the library's dataclasses by name (`mtjax.settings` lists which), at the
 library's defaults unless set here: any setting of the model, the DPO/IPO/SimPO objective, AdamW, the
@@ -18,11 +18,16 @@ Presets:
   synthetic the controlled co-adaptation testbed (docs/synthetic.md): the synthetic keyword-coverage task with a
            known gold reward, ~1M-parameter Llama models, π0 from a supervised phase on imperfect
            demonstrations, r0 from a budget of 2048 gold-labelled pairs, T = 3; a few minutes per run on a CPU.
+
+Arms (`mtjax.arms`; default mutual): the method the run is, applied on top of the preset, e.g.
+`configs/mt.py:paper,iterative_dpo` or `configs/mt.py:synthetic,sppo`: mutual, iterative_dpo, frozen, offline,
+offline_ipo, offline_simpo, sppo, self_rewarding, ser, and the ablations and controls of a study.
 """
 
 from ml_collections import ConfigDict
 
 from mtjax import settings
+from mtjax.arms import DEFAULT_ARM, apply_arm
 from mtjax.iteration_eval import EvalConfig
 from mtjax.models.config import ModelConfig
 from mtjax.prompt_sets import PromptConfig
@@ -37,13 +42,20 @@ PRESETS = ("default", "tiny", "gpu", "paper", "synthetic")
 TRAINING = (OptimizerConfig, settings.TrainingRun)
 
 
-def get_config(preset: str = "") -> ConfigDict:
-    preset = preset or "default"
+def get_config(spec: str = "") -> ConfigDict:
+    """`spec`: "PRESET" or "PRESET,ARM" (either may be empty: the default preset, Mutual-Taught)."""
+    preset, _, arm = spec.partition(",")
+    cfg = preset_config(preset.strip() or "default")
+    return apply_arm(cfg, arm.strip() or DEFAULT_ARM)
+
+
+def preset_config(preset: str) -> ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/mt.py; available: {', '.join(PRESETS)}")
     section = settings.section
     cfg = ConfigDict()
     cfg.preset = preset
+    cfg.arm = DEFAULT_ARM  # set by `get_config` (mtjax.arms)
     cfg.seed = 0
     cfg.iterations = 2
     # dtype: compute dtype; param_dtype: master weights (keep float32 when training in bfloat16).

@@ -71,6 +71,17 @@ def select_length_controlled_pair(rewards: Sequence[float], lengths: Sequence[in
     return PairChoice(int(chosen), int(rejected))
 
 
+def select_best_worst_pair(rewards: Sequence[float]) -> PairChoice | str:
+    """The highest-reward response chosen, the lowest-reward one rejected (ties: the lower index), as SPPO and
+    Self-Rewarding build their pairs. Returns a skip reason when no valid pair exists."""
+    if len(rewards) < 2:
+        return SKIP_TOO_FEW
+    r = np.asarray(rewards, np.float64)
+    if r.max() == r.min():
+        return SKIP_ALL_TIED
+    return PairChoice(int(np.argmax(r)), int(np.argmin(r)))
+
+
 @dataclasses.dataclass(frozen=True)
 class SelfLabels:
     """Pairs a reward model labelled itself (`self_labelled_pairs`): `keep[i]` whether pair i is confident

@@ -9,10 +9,12 @@ resumes after the last finished phase (see `mtjax.rundir`). Phases, in order:
     sft                      (optional) π0: the policy trained on the task's demonstrations
     base_rm                  r0: the RM trained on the gold-labelled "human" split
     iter_0/eval              base policy and r0 on held-out prompts
-    iter_t/e_step            sample K from π_{t-1} on D_t, score with r_{t-1}, length-controlled
-                             pairs, DPO from π_{t-1} (reference π_{t-1}) → π_t
+    iter_t/e_step            sample K from π_{t-1} on D_t, score with r_{t-1} (or an LLM judge, `mt.policy_rewards`),
+                             length-controlled (or best-vs-worst) pairs, DPO / IPO / SimPO / SPPO from π_{t-1}
+                             (reference π_{t-1}) → π_t
     iter_t/m_step            samples of π_t and π_{t-1} on D_R → contrastive + self pairs → r_t (the oracle
-                             and random controls relabel the same pairs by gold / a coin)
+                             and random controls relabel the same pairs by gold / a coin; SER labels every pair
+                             of π_t's samples itself and keeps the confident ones, for `mt.ser_rounds` rounds)
     iter_t/eval              π_t and r_t on held-out prompts
     iter_t/gate              (optional) keep π_t only if r_t prefers it to the kept policy at a rate ≥ τ
 """
@@ -123,41 +125,90 @@ class PairSet:
     chosen: list[list[int]]
     rejected: list[list[int]]
     counts: Counter
+    # per-pair numbers the training step reads besides the tokens (SPPO's `train.WIN_PROB_KEYS`)
+    values: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.chosen)
 
+    def append(self, prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int], **values: float) -> None:
+        self.prompts.append(list(prompt))
+        self.chosen.append(list(chosen))
+        self.rejected.append(list(rejected))
+        for name, value in values.items():
+            self.values.setdefault(name, []).append(float(value))
+
     def rows(self, kind: str) -> list[dict]:
-        return [{"kind": kind, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
-                for p, c, r in zip(self.prompts, self.chosen, self.rejected, strict=True)]
+        return [{"kind": kind, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r,
+                 **{name: values[i] for name, values in self.values.items()}}
+                for i, (p, c, r) in enumerate(zip(self.prompts, self.chosen, self.rejected, strict=True))]
+
+
+def pairable(per_prompt: Sequence[Sample], per_rewards: Sequence[float] | None, drop_truncated: bool,
+             counts: Counter) -> list[int]:
+    """Indices of a prompt's samples that may enter a pair: the first of each distinct response, stopped ones
+    only with `drop_truncated`, scored ones only (a judge may leave a response without a reward); every
+    sample left out is counted by reason."""
+    keep, dropped = data.drop_duplicate_responses([s.ids for s in per_prompt])
+    counts["duplicate_responses"] += dropped
+    if drop_truncated:
+        counts["truncated_responses"] += sum(not per_prompt[i].stopped for i in keep)
+        keep = [i for i in keep if per_prompt[i].stopped]
+    if per_rewards is not None:
+        counts["unscored_responses"] += sum(not math.isfinite(per_rewards[i]) for i in keep)
+        keep = [i for i in keep if math.isfinite(per_rewards[i])]
+    return keep
+
+
+def policy_pairs(prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sequence[Sample]],
+                 rewards: Sequence[Sequence[float]], drop_truncated: bool, rule: str = "length_controlled",
+                 win_probs: bool = False) -> PairSet:
+    """One pair per prompt by `rule` (`settings.POLICY_PAIRS`: `data.select_length_controlled_pair`, or the
+    highest- against the lowest-reward response); every skip is counted by reason. `win_probs`: each pair
+    carries its responses' estimated win probabilities against the policy (`losses.sppo_win_probabilities`
+    over all of the prompt's scored samples, duplicates included, as SPPO estimates them)."""
+    from mtjax.losses import sppo_win_probabilities
+
+    pairs = PairSet([], [], [], Counter())
+    for prompt, per_prompt, per_rewards in zip(prompt_ids, samples, rewards, strict=True):
+        keep = pairable(per_prompt, per_rewards, drop_truncated, pairs.counts)
+        kept_rewards = [per_rewards[i] for i in keep]
+        if rule == "best_worst":
+            choice = data.select_best_worst_pair(kept_rewards)
+        else:
+            choice = data.select_length_controlled_pair(kept_rewards, [len(per_prompt[i].ids) for i in keep])
+        if isinstance(choice, str):
+            pairs.counts[f"skipped_{choice}"] += 1
+            continue
+        chosen, rejected = keep[choice.chosen], keep[choice.rejected]
+        values = {}
+        if win_probs:
+            scored = [i for i, r in enumerate(per_rewards) if math.isfinite(r)]
+            p = np.asarray(sppo_win_probabilities(np.asarray([per_rewards[i] for i in scored])))
+            values = dict(zip(train_win_prob_keys(), (p[scored.index(chosen)], p[scored.index(rejected)]),
+                              strict=True))
+        pairs.append(prompt, per_prompt[chosen].ids, per_prompt[rejected].ids, **values)
+    pairs.counts["pairs"] = len(pairs)
+    return pairs
 
 
 def length_controlled_pairs(prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sequence[Sample]],
                             rewards: Sequence[Sequence[float]], drop_truncated: bool) -> PairSet:
     """One pair per prompt by `data.select_length_controlled_pair`; every skip is counted by reason."""
-    pairs = PairSet([], [], [], Counter())
-    for prompt, per_prompt, per_rewards in zip(prompt_ids, samples, rewards, strict=True):
-        keep, dropped = data.drop_duplicate_responses([s.ids for s in per_prompt])
-        pairs.counts["duplicate_responses"] += dropped
-        if drop_truncated:
-            truncated = [i for i in keep if not per_prompt[i].stopped]
-            pairs.counts["truncated_responses"] += len(truncated)
-            keep = [i for i in keep if per_prompt[i].stopped]
-        choice = data.select_length_controlled_pair([per_rewards[i] for i in keep],
-                                                    [len(per_prompt[i].ids) for i in keep])
-        if isinstance(choice, str):
-            pairs.counts[f"skipped_{choice}"] += 1
-            continue
-        pairs.prompts.append(list(prompt))
-        pairs.chosen.append(list(per_prompt[keep[choice.chosen]].ids))
-        pairs.rejected.append(list(per_prompt[keep[choice.rejected]].ids))
-    pairs.counts["pairs"] = len(pairs)
-    return pairs
+    return policy_pairs(prompt_ids, samples, rewards, drop_truncated)
 
 
-def encode_pairs(pairs: PairSet, max_length: int) -> tuple[list, list, Counter]:
-    chosen, rejected, counts = [], [], Counter()
-    for p, c, r in zip(pairs.prompts, pairs.chosen, pairs.rejected, strict=True):
+def train_win_prob_keys() -> tuple[str, str]:
+    from mtjax.train import WIN_PROB_KEYS
+
+    return WIN_PROB_KEYS
+
+
+def encode_pairs(pairs: PairSet, max_length: int) -> tuple[list, list, Counter, dict[str, np.ndarray]]:
+    """The pairs as `data.Completion`s cut to `max_length`, and their per-pair values; a pair whose prompt
+    alone fills `max_length` is dropped (counted)."""
+    chosen, rejected, counts, kept = [], [], Counter(), []
+    for i, (p, c, r) in enumerate(zip(pairs.prompts, pairs.chosen, pairs.rejected, strict=True)):
         ec, er = data.encode_completion(p, c, max_length), data.encode_completion(p, r, max_length)
         if ec is None or er is None:
             counts["dropped_prompt_too_long"] += 1
@@ -165,7 +216,9 @@ def encode_pairs(pairs: PairSet, max_length: int) -> tuple[list, list, Counter]:
         counts["truncated_to_max_length"] += int(ec.truncated or er.truncated)
         chosen.append(ec)
         rejected.append(er)
-    return chosen, rejected, counts
+        kept.append(i)
+    values = {name: np.asarray(v, np.float32)[kept] for name, v in pairs.values.items()}
+    return chosen, rejected, counts, values
 
 
 def _shuffled_batches(num_rows: int, batch_size: int, seed: int):
@@ -312,18 +365,22 @@ def train_dpo(models: Models, params: Any, pairs: PairSet, section: ConfigDict, 
     from mtjax import train
 
     run = settings.build(settings.TrainingRun, section)
-    chosen, rejected, counts = encode_pairs(pairs, run.max_length)
+    chosen, rejected, counts, values = encode_pairs(pairs, run.max_length)
     if not chosen:
         return params, {**counts, "trained_pairs": 0}
     dpo_cfg = settings.build(train.DPOConfig, section)
+    missing = [k for k in train.WIN_PROB_KEYS if dpo_cfg.loss_type == "sppo" and k not in values]
+    if missing:
+        raise ValueError(f"{name}.loss_type='sppo' needs each pair's win probabilities ({', '.join(missing)}); "
+                         "these pairs have none")
     total = _num_steps(len(chosen), run.batch_size, run.epochs)
     opt_cfg = settings.build(train.OptimizerConfig, section, total_steps=total)
-    reference = {}
+    per_pair = {k: values[k] for k in train.WIN_PROB_KEYS if dpo_cfg.loss_type == "sppo"}
     if dpo_cfg.reference == "precomputed" and dpo_cfg.uses_reference:
         full = data.collate_pairs(chosen, rejected, models.pad_id, run.max_length)
         cache = train.ReferenceLogprobCache(cache_dir) if cache_dir else None
         working_on("reference log-probs", full["chosen_input_ids"].shape, (f"{name}.num_micro_batches",))
-        reference = train.precompute_reference_logprobs(
+        per_pair |= train.precompute_reference_logprobs(
             models.policy, params, {k: v for k, v in full.items() if k in train.DPO_BATCH_KEYS}, mesh,
             batch_size=max(1, run.batch_size // dpo_cfg.num_micro_batches), average=dpo_cfg.averages_logprobs,
             cache=cache, logits_chunk=dpo_cfg.logits_chunk)
@@ -332,7 +389,7 @@ def train_dpo(models: Models, params: Any, pairs: PairSet, section: ConfigDict, 
         step = functools.partial(_with_reference, step, params)
     state = train.init_train_state(params, opt_cfg, mesh)  # a copy: the step donates it, π_{t-1} lives on
     batches = lambda epoch: pair_batches(chosen, rejected, models.pad_id, run.batch_size, run.max_length,
-                                         seed + 7919 * epoch, reference)
+                                         seed + 7919 * epoch, per_pair)
     state, history = _run_steps(step, state, batches, run.epochs, total, "DPO", log, mesh, checkpoint, name)
     return state.params, {**counts, "trained_pairs": len(chosen), "steps": total, **_mean_metrics(history)}
 
@@ -352,7 +409,7 @@ def train_reward_model(models: Models, init_params: Any, pair_sets: Sequence[Pai
     run = settings.build(settings.TrainingRun, section)
     chosen, rejected, counts = [], [], Counter()
     for pairs in pair_sets:
-        c, r, n = encode_pairs(pairs, run.max_length)
+        c, r, n, _ = encode_pairs(pairs, run.max_length)
         chosen += c
         rejected += r
         counts.update(n)
@@ -444,7 +501,7 @@ class MutualTaught:
 
     @property
     def iterations(self) -> range:
-        return range(1, 2 if self.mt.schedule == "offline" else self.cfg.iterations + 1)
+        return self.mt.iterations(self.cfg.iterations)
 
     def policy_split(self, t: int) -> str:
         """The prompt split of iteration t's E-step (see settings.POLICY_PROMPTS and SCHEDULES); derived splits
@@ -459,6 +516,8 @@ class MutualTaught:
             rm = self.splits["reward_model"]
             lo, hi = (t - 1) * len(rm) // T, t * len(rm) // T
             name, parts = f"policy_{t}_with_rm", [self.splits[f"policy_{t}"], rm.select(range(lo, hi))]
+        elif mt.policy_prompts == "all_portions" and t == T + 1:
+            return "reward_model"
         else:
             return f"policy_{t}"
         if name not in self.splits:
@@ -478,6 +537,16 @@ class MutualTaught:
                     f"(sampling.max_new_tokens, eval.answer_max_new_tokens) = {need} exceeds the {name}'s context "
                     f"({spec.config.max_position_embeddings} tokens, {spec.source.source})"
                     for name, spec in specs.items() if need > spec.config.max_position_embeddings]
+        if self.mt.judges:  # the judge reads the rubric around a prompt and a response, then writes its verdict
+            from mtjax.judge import judge_prompt
+
+            policy = specs["policy"]
+            rubric = len(data.chat_prompt_ids(policy.tokenizer, judge_prompt("", "")))
+            judged = rubric + prompts.max_prompt_tokens + self.sampling.max_new_tokens + self.mt.judge_max_new_tokens
+            if judged > policy.config.max_position_embeddings:
+                problems.append(f"the judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + "
+                                f"sampling.max_new_tokens + mt.judge_max_new_tokens = {judged} exceeds the policy's "
+                                f"context ({policy.config.max_position_embeddings} tokens, {policy.source.source})")
         if problems:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 
@@ -601,12 +670,13 @@ class MutualTaught:
                 _say(message)
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
-    def train_checkpoint(self, phase: str) -> TrainCheckpoint:
-        """The phase's train-state saves; its divergence guard names the learning rate to lower."""
+    def train_checkpoint(self, phase: str, folder: str = "train_state") -> TrainCheckpoint:
+        """The phase's train-state saves (in `PHASE/folder`); its divergence guard names the learning rate to
+        lower."""
         c, section = self.cfg.checkpoint, training_section(phase)
         settings = self.cfg[section].to_dict() if section else None
         guard = DivergenceGuard(phase, f"{section}.learning_rate", settings["learning_rate"]) if section else None
-        return TrainCheckpoint(self.rd, f"{phase}/train_state", every_steps=c.train_every_steps,
+        return TrainCheckpoint(self.rd, f"{phase}/{folder}", every_steps=c.train_every_steps,
                                every_seconds=c.train_every_seconds, guard=guard, settings=settings)
 
     def log(self, phase: str) -> Callable[[dict], None]:
@@ -794,13 +864,20 @@ class MutualTaught:
         return self.rd.load_params(f"{phase}/reward_model", like=self.models.reward_init_params)
 
     def e_step(self, t: int, policy_params: Any, rm_params: Any) -> Any:
+        """π_t: K samples of π_{t-1} on the iteration's prompts scored by r_{t-1} (or judged, `judged_rewards`),
+        one pair per prompt by `mt.policy_pairs`, then DPO (or the `dpo` section's objective) from π_{t-1}."""
         phase = f"iter_{t}/e_step"
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = self.policy_split(t)
                 samples, rewards = self.samples(phase, "samples", policy_params, split, self.sampling.num_samples,
-                                                rm_params=rm_params)
-                pairs = length_controlled_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated)
+                                                rm_params=None if self.mt.judges else rm_params)
+                if self.mt.judges:
+                    judge = policy_params if self.mt.policy_rewards == "judge_policy" else self.models.policy_params
+                    rewards, judged = self.judged_rewards(phase, split, judge)
+                    summary.update(judged)
+                pairs = policy_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated,
+                                     self.mt.policy_pairs, win_probs=self.cfg.dpo.loss_type == "sppo")
                 self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("policy"))
                 new_params, stats = train_dpo(self.models, policy_params, pairs, self.cfg.dpo, self.mesh,
                                               self._seed(phase), self.log(phase), str(self.rd.file("reference_cache")),
@@ -809,11 +886,49 @@ class MutualTaught:
                 summary.update({**pairs.counts, **stats, **_length_summary(pairs)})
         return self.rd.load_params(f"iter_{t}/policy", like=self.models.policy_params)
 
+    def judged_rewards(self, phase: str, split: str, judge_params: Any) -> tuple[list[list[float]], dict]:
+        """LLM-as-a-judge rewards of the phase's stored samples (`mtjax.judge`): each response judged
+        `mt.judge_samples` times by the policy with weights `judge_params`, sampled as the `sampling` section
+        says but `mt.judge_max_new_tokens` long; the mean parsed score, NaN when none parsed. The judgments are
+        kept in `PHASE/judgments.jsonl` (read back on a rerun). Returns the rewards per prompt and the counts."""
+        from mtjax.judge import judge_rewards, parse_score
+
+        path = f"{phase}/judgments.jsonl"
+        groups = self.sample_rows(f"{phase}/samples.jsonl", split)
+        if self.rd.file(path).exists():  # written by an earlier attempt at this phase
+            self.rd.record_artifact(path, keep_recorded=True)
+            rows = self.rd.read_jsonl(path)
+        else:
+            n = self.mt.judge_samples
+            flat = [(prompt_text(prompt), row) for prompt, group in zip(self.prompts(split), groups, strict=True)
+                    for row in group]
+            sampling = dataclasses.replace(self.sampling, max_new_tokens=self.mt.judge_max_new_tokens)
+            judgments: list[str] = []
+
+            def judge(queries: list[str]) -> list[str]:
+                ids = [data.chat_prompt_ids(self.models.tokenizer, q) for q in queries]
+                out = sample_responses(self.models, judge_params, ids, 1, sampling, self._seed(path), self.mesh)
+                judgments.extend(response_text(self.models, s[0]) for s in out)
+                return judgments
+
+            judged = judge_rewards(judge, [p for p, _ in flat], [r["text"] for _, r in flat], n)
+            rows = [{"prompt_id": row["prompt_id"], "sample": row["sample"], "reward": reward,
+                     "judgments": judgments[i * n:(i + 1) * n]}
+                    for i, ((_, row), reward) in enumerate(zip(flat, judged.rewards, strict=True))]
+            self.rd.write_jsonl(path, rows)
+        rewards = iter(r["reward"] for r in rows)
+        per_prompt = [[next(rewards) for _ in group] for group in groups]
+        unparsed = sum(parse_score(j) is None for r in rows for j in r["judgments"])
+        return per_prompt, {"judgments": sum(len(r["judgments"]) for r in rows), "judgments_unparsed": unparsed,
+                            "responses_unjudged": sum(not math.isfinite(r["reward"]) for r in rows)}
+
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:
         phase = f"iter_{t}/m_step"
         cfg = self.mt
-        if cfg.rm_update == "frozen" or cfg.schedule == "offline":
+        if not cfg.trains_rm:
             return rm_params
+        if cfg.rm_update == "ser":
+            return self.ser_m_step(t, new_policy, rm_params)
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "reward_model"
@@ -845,6 +960,54 @@ class MutualTaught:
                 counts = {f"{kind}_{k}": v for kind, pairs in pair_sets.items() for k, v in pairs.counts.items()}
                 summary.update({**counts, **stats})
         return self.rd.load_params(f"iter_{t}/reward_model", like=base_rm)
+
+    def ser_m_step(self, t: int, new_policy: Any, rm_params: Any) -> Any:
+        """r_t by Self-Evolved Reward learning: every pair of distinct samples of π_t on D_R, labelled by the RM
+        itself (`data.self_labelled_pairs`: its Bradley-Terry confidence, kept at ≥ `mt.ser_threshold`), the RM
+        trained on the kept ones from the labelling RM, `mt.ser_rounds` times (round 1 labels with r_{t-1}).
+        Each round's RM is saved (`PHASE/round_R/reward_model`), so a rerun continues after the last one."""
+        phase, cfg, split = f"iter_{t}/m_step", self.mt, "reward_model"
+        if not self.rd.done(phase):
+            with self.phase(phase) as summary:
+                samples, rewards = self.samples(phase, "new_policy_samples", new_policy, split,
+                                                self.sampling.num_samples, rm_params=rm_params)
+                groups = self.sample_rows(f"{phase}/new_policy_samples.jsonl", split)
+                candidates = []  # (prompt index, sample i, sample j)
+                counts: Counter = Counter()
+                for p, (per_prompt, per_rewards) in enumerate(zip(samples, rewards, strict=True)):
+                    keep = pairable(per_prompt, per_rewards, cfg.drop_truncated, counts)
+                    candidates += [(p, i, j) for a, i in enumerate(keep) for j in keep[a + 1:]]
+                summary.update({**counts, "ser_candidate_pairs": len(candidates)})
+                params, prompts = rm_params, self.prompt_ids(split)
+                for r in range(1, cfg.ser_rounds + 1):
+                    saved = f"{phase}/round_{r}/reward_model"
+                    if r > 1:
+                        rewards = self.score_groups(params, split, groups)
+                    labels = data.self_labelled_pairs([rewards[p][i] for p, i, _ in candidates],
+                                                      [rewards[p][j] for p, _, j in candidates], cfg.ser_threshold)
+                    pairs = PairSet([], [], [], Counter())
+                    for (p, i, j), keep, swap in zip(candidates, labels.keep, labels.swap, strict=True):
+                        if keep:
+                            first, second = samples[p][i].ids, samples[p][j].ids
+                            pairs.append(prompts[p], *((second, first) if swap else (first, second)))
+                    self.rd.write_jsonl(f"{phase}/round_{r}_pairs.jsonl", pairs.rows(f"ser_round_{r}"))
+                    kept = labels.confidence[labels.keep]
+                    summary.update({f"ser_round_{r}_pairs": len(pairs),
+                                    f"ser_round_{r}_confidence_mean": float(kept.mean()) if kept.size else math.nan})
+                    if self.rd.file(saved).exists():  # an earlier attempt at this phase finished the round
+                        self.rd.record_artifact(saved, keep_recorded=True)
+                    else:
+                        checkpoint = self.train_checkpoint(phase, f"round_{r}/train_state")
+                        trained, stats = train_reward_model(self.models, params, [pairs], self.cfg.rm, self.mesh,
+                                                            self._seed(f"{phase}/round_{r}"), self.log(phase),
+                                                            checkpoint)
+                        self.rd.save_params(saved, trained)
+                        checkpoint.clear()
+                        summary.update({f"ser_round_{r}_{k}": v for k, v in stats.items()})
+                    params = self.rd.load_params(saved, like=rm_params)
+                self.rd.save_params(f"iter_{t}/reward_model", params)
+                summary["trained_pairs"] = summary.get(f"ser_round_{cfg.ser_rounds}_trained_pairs", 0)
+        return self.rd.load_params(f"iter_{t}/reward_model", like=rm_params)
 
     def gold_oriented(self, split: str, pairs: PairSet) -> PairSet:
         """`pairs` (of `split`'s prompts) each oriented by the task's gold reward; gold ties dropped, counted."""
@@ -902,6 +1065,8 @@ class MutualTaught:
             summary = self.rd.summary(f"iter_{t}/m_step")
             counts.update(rm_contrastive=summary.get("contrastive_pairs", 0),
                           rm_self_training=summary.get("self_pairs", 0), rm_trained=summary.get("trained_pairs", 0))
+            if self.mt.rm_update == "ser":
+                counts["rm_self_labelled"] = summary.get(f"ser_round_{self.mt.ser_rounds}_pairs", 0)
         return counts
 
     def text_score_fn(self, rm_params: Any, known: Mapping[tuple[str, str], tuple[list[int], list[int]]]
@@ -961,8 +1126,7 @@ class MutualTaught:
         if t == 0 and self.cfg.base_rm.enabled and not self.rd.done("base_rm"):
             raise ValueError(f"the base reward model r0 is not trained yet in {self.rd.path} (finished phases: "
                              f"{finished})")
-        trains_rm = self.cfg.mt.rm_update != "frozen" and self.cfg.mt.schedule != "offline"
-        if t > 0 and trains_rm and not self.rd.done(f"iter_{t}/m_step"):
+        if t > 0 and self.mt.trains_rm and not self.rd.done(f"iter_{t}/m_step"):
             raise ValueError(f"iteration {t} has no reward model yet in {self.rd.path} (finished phases: {finished})")
         policy = self.models.policy_params if t == 0 else self.rd.load_params(f"iter_{t}/policy",
                                                                                like=self.models.policy_params)
@@ -987,12 +1151,17 @@ SHARED_PHASES = {"prompts": ("prompts",), "sft": ("sft",), "base_rm": ("base_rm"
 
 def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
     """Starts run `workdir` (config `cfg`) from the finished `SHARED_PHASES` of run `source`; returns the
-    phases taken. Refuses when the two configs differ outside `mt` (then the phases would differ)."""
-    from mtjax.rundir import ConfigMismatchError, RunDir, config_changes
+    phases taken. Refuses when the two configs differ in more than what arms differ in (`mtjax.arms`: the
+    arm, `mt`, and the E-step's objective and learning rate): then they are not arms of one study."""
+    from mtjax.arms import arm_keys
+    from mtjax.rundir import ConfigMismatchError, RunDir, config_diff
 
-    changes = [c for c in config_changes(RunDir.read_config(source), cfg.to_dict()) if not c.startswith("mt.")]
+    arm_settings = arm_keys() | {"arm", "dpo.learning_rate"}
+    changes = [c for c in config_diff(RunDir.read_config(source), cfg.to_dict())
+               if c.section != "mt" and c.key not in arm_settings]
     if changes:
-        raise ConfigMismatchError(f"cannot share phases of {source}: configs differ outside `mt`: {'; '.join(changes)}")
+        raise ConfigMismatchError(f"cannot share phases of {source}: configs differ in more than their arms: "
+                                  f"{'; '.join(map(str, changes))}")
     return share_phases(source, cfg, workdir)
 
 
@@ -1058,6 +1227,13 @@ def oriented_pairs(pairs: PairSet, keep: Sequence[bool | None], label: str) -> P
         out.rejected.append(rejected)
     out.counts["pairs"] = len(out)
     return out
+
+
+def prompt_text(prompt: str | Sequence[Mapping[str, str]]) -> str:
+    """A prompt as one string for a judge's rubric: chat turns as "Role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in prompt)
 
 
 def _eval_config_class():

@@ -31,13 +31,13 @@ def independent_of(phase: str) -> tuple[str, ...]:
     t, kind = iteration_and_kind(phase)
     if kind == "prompts":  # the prompt splits and benchmark files: measured with the models' tokenizers
         # against the response budget (sampling, eval); drawn from prompts.seed, not the run's seed
-        return "base_rm", "dpo", "mt", "reward_model.head_seed", "rm", "seed", "sft"
+        return "arm", "base_rm", "dpo", "mt", "reward_model.head_seed", "rm", "seed", "sft"
     if kind == "sft":  # π0 from the task's demonstrations: its own seed (sft.seed), no sampling, no RM
-        return "base_rm", "dpo", "eval", "iterations", "mt", "reward_model", "rm", "sampling", "seed"
+        return "arm", "base_rm", "dpo", "eval", "iterations", "mt", "reward_model", "rm", "sampling", "seed"
     if kind == "base_rm":  # π0's samples and r0's training
-        return "eval", "dpo", "rm", "mt"
+        return "arm", "eval", "dpo", "rm", "mt"
     if t == 0:  # iter_0/eval: π0 and r0
-        return "dpo", "rm", "mt"
+        return "arm", "dpo", "rm", "mt"
     return ("rm",) if kind == "e_step" else ()
 
 

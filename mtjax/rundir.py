@@ -238,20 +238,26 @@ class ConfigChange:
         return f"{self.key}: {self.old!r} -> {self.new!r}"
 
 
+_ABSENT = "<absent>"
+
+
 def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[ConfigChange]:
     """The leaves that differ between two nested configs, as `config_changes` lists them."""
     from mtjax.device_memory import OPERATIONAL_KEYS
+    from mtjax.settings import library_default
 
     old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS}
                 for c in (old, new))
-    return [c for c in _diff(old, new) if c.key not in OPERATIONAL_KEYS]
+    # A setting added to the library after `old` was written, now at its default, is what `old` ran with.
+    return [c for c in _diff(old, new) if c.key not in OPERATIONAL_KEYS
+            and not (c.old == _ABSENT and c.new == library_default(c.key))]
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[ConfigChange]:
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         out = []
         for key in sorted(set(old) | set(new)):
-            out += _diff(old.get(key, "<absent>"), new.get(key, "<absent>"), f"{prefix}{key}.")
+            out += _diff(old.get(key, _ABSENT), new.get(key, _ABSENT), f"{prefix}{key}.")
         return out
     return [] if old == new else [ConfigChange(prefix.rstrip("."), old, new)]
 

@@ -116,29 +116,47 @@ class SFTPhase:
 
 
 # mutual: the paper's M-step; frozen: no M-step (iterative DPO); self_only / contrastive_only: one kind of pair;
-# oracle / random: mutual's pairs with gold labels (a positive control) / with seeded coin-flip labels (negative).
-RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only", "oracle", "random")
-# Which prompts the E-step of iteration t uses: D_t ("own"), or D_t plus the t-th of T equal chunks
-# of D_R ("with_rm": the paper's baselines get the RM's prompts too, so every arm sees as many).
-POLICY_PROMPTS = ("own", "with_rm")
+# oracle / random: mutual's pairs with gold labels (a positive control) / with seeded coin-flip labels (negative);
+# ser: Self-Evolved Reward learning, the RM labels pairs of the new policy's samples itself and retrains on the
+# confident ones, `ser_rounds` times.
+RM_UPDATES = ("mutual", "frozen", "self_only", "contrastive_only", "oracle", "random", "ser")
+# Which prompts the E-step of iteration t uses: D_t ("own"), D_t plus the t-th of T equal chunks of D_R
+# ("with_rm": the paper's baselines get the RM's prompts too, so every arm sees as many), or the t-th of the
+# T + 1 portions D_1 .. D_T, D_R ("all_portions": the paper's iterative DPO, one more iteration than T).
+POLICY_PROMPTS = ("own", "with_rm", "all_portions")
 # "iterative": T rounds; "offline": one DPO round from π0 on every training prompt (D_1..D_T and D_R)
 # scored by r0, RM untouched: single-round offline DPO, the baseline with no iteration at all.
 SCHEDULES = ("iterative", "offline")
+# What scores the E-step's samples: the reward model r_{t-1}, or an LLM judge with the Self-Rewarding rubric
+# (`mtjax.judge`): the current policy π_{t-1} ("judge_policy", Self-Rewarding) or the fixed π0 ("judge_base").
+POLICY_REWARDS = ("reward_model", "judge_policy", "judge_base")
+# The E-step's pair per prompt: the paper's length-controlled rule (`data.select_length_controlled_pair`), or
+# the highest- and lowest-reward responses ("best_worst", SPPO's and Self-Rewarding's rule).
+POLICY_PAIRS = ("length_controlled", "best_worst")
 
 
 @dataclasses.dataclass(frozen=True)
 class MTConfig:
     """The EM loop's switches.
 
-    rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only | oracle | random. `oracle`
-      and `random` train r_t on exactly the pairs `mutual` would use (same counts), each oriented by the
-      task's gold reward (gold ties dropped, counted) or by a seeded coin: the controls of a study.
+    rm_update: mutual | frozen (= iterative DPO) | self_only | contrastive_only | oracle | random | ser.
+      `oracle` and `random` train r_t on exactly the pairs `mutual` would use (same counts), each oriented by
+      the task's gold reward (gold ties dropped, counted) or by a seeded coin: the controls of a study.
+      `ser` (Huang et al. 2024): r_{t-1} labels every pair of distinct samples of π_t on D_R with its own
+      Bradley-Terry confidence, keeps those at or above `ser_threshold`, trains on them (continuing from the
+      RM that labelled them) and repeats `ser_rounds` times.
     drop_truncated: leave responses that hit max_new_tokens out of pairs (always counted).
     contrastive_filter: drop contrastive pairs whose reward gap is below −std (the paper's revision).
     gate_win_rate τ (None = no gate): keep π_t only if r_t prefers its held-out responses to the kept
       policy's at a rate ≥ τ; otherwise the next iteration starts from the kept one.
-    policy_prompts: own (D_t) | with_rm (D_t plus a 1/T share of D_R, for the RM-frozen baselines).
+    policy_prompts: own (D_t) | with_rm (D_t plus a 1/T share of D_R, for the RM-frozen baselines) |
+      all_portions (D_1 .. D_T then D_R: T + 1 iterations, the paper's iterative DPO).
     schedule: iterative | offline (one DPO round from π0 on all training prompts, scored by r0).
+    policy_rewards: reward_model | judge_policy | judge_base (LLM-as-a-judge, see POLICY_REWARDS).
+    policy_pairs: length_controlled | best_worst (see POLICY_PAIRS).
+    judge_samples: judgments sampled per response (their parsed scores are averaged; Self-Rewarding: 3).
+    judge_max_new_tokens: the length of a judgment (the rubric asks for ≤ 100 words and a score).
+    ser_threshold, ser_rounds: SER's confidence threshold in [0.5, 1) and rounds per M-step.
     """
 
     rm_update: str = "mutual"
@@ -147,6 +165,12 @@ class MTConfig:
     gate_win_rate: float | None = None
     policy_prompts: str = "own"
     schedule: str = "iterative"
+    policy_rewards: str = "reward_model"
+    policy_pairs: str = "length_controlled"
+    judge_samples: int = 3
+    judge_max_new_tokens: int = 192
+    ser_threshold: float = 0.9
+    ser_rounds: int = 2
 
     def __post_init__(self) -> None:
         p: list[str] = []
@@ -154,13 +178,37 @@ class MTConfig:
         _check(p, self.policy_prompts in POLICY_PROMPTS,
                f"policy_prompts={self.policy_prompts!r} must be one of {POLICY_PROMPTS}")
         _check(p, self.schedule in SCHEDULES, f"schedule={self.schedule!r} must be one of {SCHEDULES}")
+        _check(p, self.policy_rewards in POLICY_REWARDS,
+               f"policy_rewards={self.policy_rewards!r} must be one of {POLICY_REWARDS}")
+        _check(p, self.policy_pairs in POLICY_PAIRS,
+               f"policy_pairs={self.policy_pairs!r} must be one of {POLICY_PAIRS}")
         _check(p, self.gate_win_rate is None or 0.0 <= self.gate_win_rate <= 1.0,
                f"gate_win_rate={self.gate_win_rate} must be in [0, 1] (or unset: no gate)")
+        _check(p, isinstance(self.judge_samples, int) and self.judge_samples >= 1,
+               f"judge_samples={self.judge_samples!r} must be an int >= 1")
+        _check(p, isinstance(self.judge_max_new_tokens, int) and self.judge_max_new_tokens >= 1,
+               f"judge_max_new_tokens={self.judge_max_new_tokens!r} must be an int >= 1")
+        _check(p, isinstance(self.ser_threshold, (int, float)) and 0.5 <= self.ser_threshold < 1.0,
+               f"ser_threshold={self.ser_threshold!r} must be in [0.5, 1)")
+        _check(p, isinstance(self.ser_rounds, int) and self.ser_rounds >= 1,
+               f"ser_rounds={self.ser_rounds!r} must be an int >= 1")
         _raise(type(self), p)
 
     @property
     def trains_rm(self) -> bool:
         return self.rm_update != "frozen" and self.schedule == "iterative"
+
+    def iterations(self, num_iterations: int) -> range:
+        """The iterations a run with `iterations = T` makes: 1 (offline), T + 1 (`policy_prompts="all_portions"`:
+        D_R is the last portion) or T."""
+        if self.schedule == "offline":
+            return range(1, 2)
+        return range(1, num_iterations + (2 if self.policy_prompts == "all_portions" else 1))
+
+    @property
+    def judges(self) -> bool:
+        """Whether an LLM judge, not the reward model, scores the E-step's samples."""
+        return self.policy_rewards != "reward_model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +313,25 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
+def library_default(key: str) -> Any:
+    """The default a run gets for the dotted setting `key` ("mt.ser_rounds", "arm") when its config does not
+    name it, as JSON would store it; `dataclasses.MISSING` if the setting has none (or is not a setting).
+    A run directory written before a setting existed ran with this value (`rundir.config_diff`)."""
+    import json
+
+    from mtjax.arms import DEFAULT_ARM
+
+    if key == "arm":
+        return DEFAULT_ARM
+    name, _, field = key.partition(".")
+    for cls in _sections().get(name, ()):
+        for f in settings_of(cls):
+            if f.name == field and not optional_fields(cls):
+                default = _default(f)
+                return default if default is dataclasses.MISSING else json.loads(json.dumps(default))
+    return dataclasses.MISSING
+
+
 def section(*classes: type, **values: Any) -> ConfigDict:
     """A config section holding every setting of `classes`, at the dataclasses' defaults unless `values`
     says otherwise. A field with no default (or any field of an `optional_fields` dataclass) starts unset
@@ -349,9 +416,12 @@ def validate_config(cfg: ConfigDict) -> None:
 
     Model-dependent checks (the checkpoint's context length against the prompt cap and the response
     budget) need the model's config and run at start-up, in `mtjax.sources`."""
+    from mtjax.arms import ARMS
     from mtjax.models.config import ModelConfig
 
     problems: list[str] = []
+    if cfg.get("arm", "mutual") not in ARMS:
+        problems.append(f"arm={cfg.get('arm')!r} must be one of {', '.join(ARMS)} (`configs/mt.py:PRESET,ARM`)")
     if not isinstance(cfg.get("iterations"), int) or cfg.iterations < 1:
         problems.append(f"iterations={cfg.get('iterations')} must be an int >= 1")
     sections = _sections()
@@ -407,6 +477,10 @@ def _task_problems(built: Mapping[str, dict[str, Any]], prompts: Any, ev: Any) -
     if synthetic and prompts is not None and prompts.source != "testbed":
         problems.append(f"prompts.source={prompts.source!r}: the synthetic task draws every split itself (leave "
                         "prompts.source='testbed', the generated prompts)")
+    mt = built["mt"].get("MTConfig")
+    if synthetic and mt is not None and mt.judges:
+        problems.append(f"mt.policy_rewards={mt.policy_rewards!r}: an LLM judge reads the English rubric, which the "
+                        "synthetic task's 27-word tokenizer cannot encode (use a reward model)")
     if synthetic and ev is not None and set(ev.benchmarks) != {"testbed"}:
         problems.append(f"eval.benchmarks={ev.benchmarks!r}: the synthetic task is evaluated on its own held-out "
                         "split only (('testbed',)); the paper's benchmarks are English")

@@ -1,16 +1,8 @@
-"""The paper's ablation on a testbed: every arm on identical prompts and seeds, then aggregated.
+"""The paper's comparison on a testbed: every arm on identical prompts and seeds, then aggregated.
 
-Arms (all from ``configs/mt.py`` with one preset; ``--override key=value`` applies to every arm):
-
-    mutual            mt.rm_update=mutual                          Mutual-Taught, T = cfg.iterations
-    frozen            mt.rm_update=frozen, mt.policy_prompts=with_rm   iterative DPO, RM frozen at r0
-    self_only         mt.rm_update=self_only                        M-step on D(PM) only
-    contrastive_only  mt.rm_update=contrastive_only                 M-step on D(PM_new, PM_old) only
-    offline           mt.rm_update=frozen, mt.schedule=offline      one offline DPO round from π0
-    oracle            mt.rm_update=oracle                           mutual's M-step pairs labelled by gold
-    random            mt.rm_update=random                           mutual's M-step pairs labelled by a coin
-    mutual_filtered   mt.rm_update=mutual, mt.contrastive_filter=true   the paper's revision: contrastive pairs
-                                                                    that r_{t-1} rejects by > 1 std dropped
+Arms: the named arms of ``mtjax.arms`` (``configs/mt.py:PRESET,ARM``; ``--override key=value`` applies to every
+arm, before the arm's own settings): mutual (Mutual-Taught), iterative_dpo, frozen, offline, offline_ipo,
+offline_simpo, sppo, self_rewarding, ser, self_only, contrastive_only, mutual_filtered, oracle, random.
 
 A seed sets ``cfg.seed`` and ``cfg.reward_model.head_seed``; ``prompts.seed`` stays fixed, so every arm and
 seed sees the same prompt splits. Per seed, ``mutual`` runs first in ``WORKDIR/seed_S/mutual``; every other
@@ -46,27 +38,18 @@ from typing import Any
 
 import numpy as np
 
+from mtjax.arms import ARMS, apply_arm, arm_keys
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.json"
 
-# arm -> its `mt` settings (everything else is the preset plus the overrides).
-ARMS: dict[str, dict[str, str]] = {
-    "mutual": {"rm_update": "mutual"},
-    "frozen": {"rm_update": "frozen", "policy_prompts": "with_rm"},
-    "self_only": {"rm_update": "self_only"},
-    "contrastive_only": {"rm_update": "contrastive_only"},
-    "offline": {"rm_update": "frozen", "schedule": "offline"},
-    "oracle": {"rm_update": "oracle"},
-    "random": {"rm_update": "random"},
-    "mutual_filtered": {"rm_update": "mutual", "contrastive_filter": True},
-}
 # What a preset runs unless the command line says otherwise (the synthetic study of issue 18: six arms, five
 # seeds, no AlpacaEval: its tokenizer holds 21 words, not English).
 DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds": "0,1,2", "alpaca_prompts": 16}
 PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
                                  "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
-# Keys the script sets itself: an override may not touch them.
-RESERVED = ("seed", "reward_model.head_seed", "mt.rm_update", "mt.policy_prompts", "mt.schedule")
+# Keys the script or the arms set: an override may not touch them.
+RESERVED = ("seed", "reward_model.head_seed", *sorted(arm_keys()))
 
 # (key in results.json, label, where: "eval" = flattened eval/iter_t.json name, "alpaca" = alpaca json key),
 # per task (`task.name`).
@@ -115,7 +98,7 @@ def load_preset(preset: str):
         import mt
     finally:
         sys.path.pop(0)
-    return mt.get_config(preset)
+    return mt.preset_config(preset)
 
 
 def _parse_value(text: str, current: Any) -> Any:
@@ -163,10 +146,10 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 
 
 def arm_config(preset: str, overrides: Sequence[str], arm: str, seed: int):
-    cfg = apply_overrides(load_preset(preset), overrides)
+    """The preset, the overrides, then the arm (`mtjax.arms.apply_arm`) and the seed."""
+    cfg = apply_arm(apply_overrides(load_preset(preset), overrides), arm)
     cfg.seed = seed
     cfg.reward_model.head_seed = seed
-    cfg.mt.update(ARMS[arm])
     return cfg
 
 
@@ -278,7 +261,10 @@ def write_bytes(path: Path, content: bytes) -> None:
 
 
 def arm_iterations(cfg) -> list[int]:
-    return list(range(0, 2 if cfg.mt.schedule == "offline" else cfg.iterations + 1))
+    """0 (π0 and r0) and the arm's iterations (`settings.MTConfig.iterations`)."""
+    from mtjax import settings
+
+    return [0, *settings.build(settings.MTConfig, cfg.mt).iterations(cfg.iterations)]
 
 
 def check_config(arm_dir: Path, cfg) -> None:

@@ -29,7 +29,7 @@ def test_every_library_field_is_a_key_of_every_preset_and_every_key_a_field(pres
         assert keys <= fields, f"{name}: keys that reach no dataclass {sorted(keys - fields)}"
         assert not derived & keys, f"{name}: derived fields must not be settings: {sorted(derived & keys)}"
     # and nothing outside the sections but the run's own scalars
-    assert set(cfg.keys()) == set(settings._sections()) | {"preset", "seed", "iterations"}
+    assert set(cfg.keys()) == set(settings._sections()) | {"preset", "arm", "seed", "iterations"}
 
 
 @pytest.mark.parametrize("preset", mt.PRESETS)
