@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
     if _CACHE.value:
         enable_compilation_cache(_CACHE.value)
     with distributed.fail_fast():
-        run_loop(cfg, _WORKDIR.value or f"runs/{cfg.preset}", say=print if distributed.is_primary() else _quiet)
+        run_loop(cfg, _WORKDIR.value or default_workdir(cfg), say=print if distributed.is_primary() else _quiet)
 
 
 def _stop(message: str, code: int = 1) -> None:
@@ -105,6 +105,12 @@ def _quiet(*args, **kwargs) -> None:
     del args, kwargs
 
 
+def default_workdir(cfg) -> str:
+    """runs/PRESET for Mutual-Taught, runs/PRESET_ARM for another arm (so arms never share a directory)."""
+    arm = cfg.get("arm", "mutual")
+    return f"runs/{cfg.preset}" if arm == "mutual" else f"runs/{cfg.preset}_{arm}"
+
+
 def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
     """The run on `workdir`, holding its lock; stops with one line on an interrupt or an error a user can fix."""
     import contextlib
@@ -120,8 +126,8 @@ def run_loop(cfg, workdir: str, say: Callable[..., None] = print) -> None:
     from mtjax.runlock import RunDirLocked, exclusive_run_lock
 
     hosts = f", {jax.process_count()} processes" if jax.process_count() > 1 else ""
-    say(f"mtjax: Mutual-Taught, preset {cfg.preset!r}, workdir {workdir}, {jax.device_count()} "
-        f"{jax.devices()[0].platform} devices{hosts}")
+    say(f"mtjax: {cfg.get('arm', 'mutual')} (mtjax.arms), preset {cfg.preset!r}, workdir {workdir}, "
+        f"{jax.device_count()} {jax.devices()[0].platform} devices{hosts}")
     try:
         if is_primary():
             Path(workdir).mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,8 @@ DEFAULT_ALPACA = REPO.parent / "shared" / "data" / "alpaca_eval_gpt4_baseline.js
 DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds": "0,1,2", "alpaca_prompts": 16}
 PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
                                  "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
+# The arms Table 1 of the paper (and its related work) compares Mutual-Taught with, beyond the ablations.
+TABLE_1_ARMS = ("iterative_dpo", "offline_ipo", "offline_simpo", "sppo", "self_rewarding", "ser")
 # Keys the script or the arms set: an override may not touch them.
 RESERVED = ("seed", "reward_model.head_seed", *sorted(arm_keys()))
 
@@ -553,6 +555,14 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: st
         for other in ("mutual", "frozen"):
             claims.append(compare(f"(3, revision) final iteration: mutual_filtered > {other}", gold,
                                   final("mutual_filtered", gold), final(other, gold), ">"))
+    for other in TABLE_1_ARMS:  # the paper's baselines and the related methods (issue 21)
+        if other in per_seed:
+            its = sorted({t for runs in per_seed[other].values() for t in runs})
+            claims.append(compare(f"(baseline) {other} improves over the run: iter {its[-1]} vs 0", gold,
+                                  at(other, its[-1], gold), at(other, 0, gold), ">"))
+            for key in (k for k in (gold, "alpaca_win_rate") if k in labels):
+                claims.append(compare(f"(Table 1) final iteration: mutual > {other}", key, final("mutual", key),
+                                      final(other, key), ">"))
     claims += control_claims(per_seed, at, final)
     return {"arms": table, "claims": claims,
             "pair_agreement": pair_agreement(workdir, arms, seeds, mutual_its),

@@ -328,7 +328,7 @@ def test_cli_one_run_per_workdir_and_signals_end_with_one_line(tmp_path):
     # Ctrl-C during start-up (the models are loading) stops the run too, with one line.
     third = _cli(workdir, logs, "third")
     try:
-        _wait_for(lambda: "Mutual-Taught, preset" in (logs / "third.out").read_text(), third)
+        _wait_for(lambda: "(mtjax.arms), preset" in (logs / "third.out").read_text(), third)
         third.send_signal(signal.SIGINT)
         assert third.wait(timeout=120) == 130
     finally:
