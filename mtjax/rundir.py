@@ -51,6 +51,9 @@ RUNNING, DONE, REDO, STALE = "running", "done", "redo", "stale"
 # token where float rounding decides a draw; `logging` picks the tracking sinks). Single operational
 # settings (batching, micro-batching, remat) are `device_memory.OPERATIONAL_KEYS`.
 OPERATIONAL_SECTIONS = ("checkpoint", "logging")
+# Names for settings the config holds anyway (`arm`: the name of `mtjax.arms`' settings, which are in their
+# sections): two configs differing only in such a name run the same computation.
+LABELS = ("arm",)
 
 
 class RunDirError(RuntimeError):
@@ -246,7 +249,7 @@ def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[ConfigCh
     from mtjax.device_memory import OPERATIONAL_KEYS
     from mtjax.settings import library_default
 
-    old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS}
+    old, new = ({k: v for k, v in json.loads(_canonical(c)).items() if k not in OPERATIONAL_SECTIONS + LABELS}
                 for c in (old, new))
     # A setting added to the library after `old` was written, now at its default, is what `old` ran with.
     return [c for c in _diff(old, new) if c.key not in OPERATIONAL_KEYS

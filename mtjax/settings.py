@@ -314,15 +314,11 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def library_default(key: str) -> Any:
-    """The default a run gets for the dotted setting `key` ("mt.ser_rounds", "arm") when its config does not
-    name it, as JSON would store it; `dataclasses.MISSING` if the setting has none (or is not a setting).
-    A run directory written before a setting existed ran with this value (`rundir.config_diff`)."""
+    """The default a run gets for the dotted setting `key` ("mt.ser_rounds") when its config does not name it,
+    as JSON would store it; `dataclasses.MISSING` if the setting has none (or is not a setting). A run
+    directory written before a setting existed ran with this value (`rundir.config_diff`)."""
     import json
 
-    from mtjax.arms import DEFAULT_ARM
-
-    if key == "arm":
-        return DEFAULT_ARM
     name, _, field = key.partition(".")
     for cls in _sections().get(name, ()):
         for f in settings_of(cls):

@@ -56,7 +56,7 @@ def test_the_papers_baselines_get_their_settings():
 
 def test_settings_added_later_at_their_defaults_are_not_config_changes(tmp_path):
     """A run directory written before the arms existed (no `arm`, no SER/judge keys) resumes with the same
-    settings; a new setting away from its default is a change."""
+    settings; a new setting away from its default is a change, the arm's name alone is not."""
     from mtjax.rundir import ConfigMismatchError, RunDir
 
     old = mt.get_config("tiny").to_dict()
@@ -68,7 +68,10 @@ def test_settings_added_later_at_their_defaults_are_not_config_changes(tmp_path)
     rd.start_phase("prompts")
     rd.mark_done("prompts")
     RunDir(tmp_path, mt.get_config("tiny").to_dict())  # the same settings: accepted
-    with pytest.raises(ConfigMismatchError, match="arm"):
+    renamed = mt.get_config("tiny")
+    renamed.arm = "frozen"  # a name alone changes nothing that runs
+    RunDir(tmp_path, renamed.to_dict())
+    with pytest.raises(ConfigMismatchError, match=r"mt\.rm_update: 'mutual' -> 'ser'"):
         RunDir(tmp_path, mt.get_config("tiny,ser").to_dict())
 
 
