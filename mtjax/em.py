@@ -154,8 +154,8 @@ def pairable(per_prompt: Sequence[Sample], per_rewards: Sequence[float] | None, 
     if drop_truncated:
         counts["truncated_responses"] += sum(not per_prompt[i].stopped for i in keep)
         keep = [i for i in keep if per_prompt[i].stopped]
-    if per_rewards is not None:
-        counts["unscored_responses"] += sum(not math.isfinite(per_rewards[i]) for i in keep)
+    if per_rewards is not None and (unscored := sum(not math.isfinite(per_rewards[i]) for i in keep)):
+        counts["unscored_responses"] += unscored
         keep = [i for i in keep if math.isfinite(per_rewards[i])]
     return keep
 
@@ -168,6 +168,7 @@ def policy_pairs(prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sequence
     carries its responses' estimated win probabilities against the policy (`losses.sppo_win_probabilities`
     over all of the prompt's scored samples, duplicates included, as SPPO estimates them)."""
     from mtjax.losses import sppo_win_probabilities
+    from mtjax.train import WIN_PROB_KEYS
 
     pairs = PairSet([], [], [], Counter())
     for prompt, per_prompt, per_rewards in zip(prompt_ids, samples, rewards, strict=True):
@@ -185,8 +186,7 @@ def policy_pairs(prompt_ids: Sequence[Sequence[int]], samples: Sequence[Sequence
         if win_probs:
             scored = [i for i, r in enumerate(per_rewards) if math.isfinite(r)]
             p = np.asarray(sppo_win_probabilities(np.asarray([per_rewards[i] for i in scored])))
-            values = dict(zip(train_win_prob_keys(), (p[scored.index(chosen)], p[scored.index(rejected)]),
-                              strict=True))
+            values = dict(zip(WIN_PROB_KEYS, (p[scored.index(chosen)], p[scored.index(rejected)]), strict=True))
         pairs.append(prompt, per_prompt[chosen].ids, per_prompt[rejected].ids, **values)
     pairs.counts["pairs"] = len(pairs)
     return pairs
@@ -196,12 +196,6 @@ def length_controlled_pairs(prompt_ids: Sequence[Sequence[int]], samples: Sequen
                             rewards: Sequence[Sequence[float]], drop_truncated: bool) -> PairSet:
     """One pair per prompt by `data.select_length_controlled_pair`; every skip is counted by reason."""
     return policy_pairs(prompt_ids, samples, rewards, drop_truncated)
-
-
-def train_win_prob_keys() -> tuple[str, str]:
-    from mtjax.train import WIN_PROB_KEYS
-
-    return WIN_PROB_KEYS
 
 
 def encode_pairs(pairs: PairSet, max_length: int) -> tuple[list, list, Counter, dict[str, np.ndarray]]:
