@@ -49,7 +49,7 @@ DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds":
 PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
                                  "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
 # The arms Table 1 of the paper (and its related work) compares Mutual-Taught with, beyond the ablations.
-TABLE_1_ARMS = ("iterative_dpo", "offline_ipo", "offline_simpo", "sppo", "self_rewarding", "ser")
+TABLE_1_ARMS = ("offline", "offline_ipo", "offline_simpo", "iterative_dpo", "sppo", "self_rewarding", "ser")
 # Keys the script or the arms set: an override may not touch them.
 RESERVED = ("seed", "reward_model.head_seed", *sorted(arm_keys()))
 
@@ -546,7 +546,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: st
     if "frozen" in per_seed:
         claims.append(compare("(2) RM on current policy, final: mutual r_T on π_T vs frozen r_0 on its π_T", current,
                               final("mutual", current), final("frozen", current), ">"))
-    for other in ("frozen", "self_only", "contrastive_only", "offline"):
+    for other in ("frozen", "self_only", "contrastive_only"):
         if other in per_seed:
             for key in (k for k in (gold, "alpaca_win_rate") if k in labels):
                 claims.append(compare(f"(3) final iteration: mutual > {other}", key, final("mutual", key),
@@ -697,20 +697,23 @@ def plot(results: Mapping, out: Path) -> list[Path]:
     lines = {"gold_reward": "Policy gold reward (held-out)",
              "rm_accuracy_current_policy": "RM accuracy on the current policy's gold pairs",
              "rm_r0_accuracy_current_policy": "r0's accuracy on the current policy's gold pairs"}
+    colors, markers = plt.get_cmap("tab20").colors, "os^vDP*Xhp<>d"  # one look per arm, up to 20 arms
+    style = {arm: dict(color=colors[i % len(colors)], marker=markers[i % len(markers)])
+             for i, arm in enumerate(table)}
     for key, title in ((k, v) for k, v in lines.items() if k in labels):
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        fig, ax = plt.subplots(figsize=(7.5, 4.6))
         for i, (arm, by_t) in enumerate(table.items()):
             pts = [(int(t), s[key]) for t, s in by_t.items() if s[key]["mean"] is not None]
             if pts:
-                xs = np.asarray([t for t, _ in pts], np.float64) + 0.04 * (i - (len(table) - 1) / 2)
+                xs = np.asarray([t for t, _ in pts], np.float64) + 0.03 * (i - (len(table) - 1) / 2)
                 ax.errorbar(xs, [s["mean"] for _, s in pts], yerr=[s.get("ci95") or 0.0 for _, s in pts],
-                            marker="o", capsize=3, label=arm)
+                            capsize=3, label=arm, **style[arm])
         ax.set_title(f"{title}\nmean ± 95 % CI over seeds", fontsize=10)
         ax.set_xlabel("iteration")
         ax.set_xticks(sorted({int(t) for by_t in table.values() for t in by_t}))
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         else:
             ax.text(0.5, 0.5, "no data (e.g. every gold pair tied)", ha="center", transform=ax.transAxes)
         fig.tight_layout()
@@ -725,7 +728,7 @@ def plot(results: Mapping, out: Path) -> list[Path]:
     for ax, key in zip(axes, keys, strict=True):
         stats = [table[a][max(table[a], key=int)][key] for a in arms]
         ax.bar(range(len(arms)), [s["mean"] if s["mean"] is not None else 0.0 for s in stats],
-               yerr=[s.get("ci95") or 0.0 for s in stats], capsize=3, color=[f"C{i}" for i in range(len(arms))])
+               yerr=[s.get("ci95") or 0.0 for s in stats], capsize=3, color=[style[a]["color"] for a in arms])
         ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
         ax.set_title(labels[key] + " (final iter, ± 95 % CI)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
