@@ -7,7 +7,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(tmp_path_factory) -> Path:
+    """jax's persistent compilation cache, one folder for the whole test session: both xdist workers and the
+    runs that tests launch (`--compilation_cache=`) share it, so the many runs of the same preset compile each
+    train step and sampler once instead of once per run. It lies under pytest's base temp: every session
+    starts cold (nothing from an earlier session or from ~/.cache is reused)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base temp is a folder of the session's
+    from mtjax.run import enable_compilation_cache
+
+    folder = root / "xla_cache"
+    enable_compilation_cache(str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")
