@@ -11,6 +11,17 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# The slowest files (each several minutes on a 2-core machine; `--durations` in every run lists them), run
+# first: README's test command hands whole files to two workers in collection order (--dist loadfile
+# --no-loadscope-reorder), so a long file started last would leave one worker idle while the other ends it.
+SLOWEST_FIRST = ("test_multiprocess.py", "test_em_run.py", "test_replicate.py", "test_reliability.py",
+                 "test_paper_path.py", "test_synthetic_driver.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def xla_cache(tmp_path_factory) -> Path:
