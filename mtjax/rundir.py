@@ -92,18 +92,19 @@ def _canonical(config: Mapping[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, indent=2, default=str)
 
 
-def read_json_file(path: str | os.PathLike) -> Any:
-    """A JSON file's value; an unreadable or damaged file is a `RunDirError` naming it."""
+def read_json_file(path: str | os.PathLike, error: type[Exception] = RunDirError) -> Any:
+    """A JSON file's value; an unreadable or damaged file is an `error` (a `RunDirError` unless the caller
+    names its own, e.g. `sources.SourceError` for a model folder's file) naming it."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise RunDirError(f"{path}: not UTF-8 text; the file is damaged") from None
+        raise error(f"{path}: not UTF-8 text; the file is damaged") from None
     except OSError as e:
-        raise RunDirError(f"cannot read {path}: {e.strerror or e}") from None
+        raise error(f"cannot read {path}: {e.strerror or e}") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise RunDirError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); the file is damaged") from None
+        raise error(f"{path}: line {e.lineno}: not valid JSON ({e.msg}); the file is damaged") from None
 
 
 def read_jsonl(path: str | os.PathLike, partial_last_line: bool = False) -> list[dict]:

@@ -17,7 +17,6 @@ tokenizer's EOS: Llama-3-Instruct's `config.json` names only 128001, its generat
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -106,13 +105,6 @@ def resolve_data_file(source: str, setting: str = "eval.FILE") -> str:
         raise _hub_error("the file", source, setting, e, local="/path/to/file") from e
 
 
-def read_json_file(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SourceError(f"{path}: cannot read it as JSON ({e})") from e
-
-
 def _ids(value: Any) -> list[int]:
     if value is None:
         return []
@@ -124,7 +116,9 @@ def stop_token_ids(folder: Path | None, config_eos: tuple[int, ...], tokenizer: 
     found: dict[int, list[str]] = {}
     origins = [("config.json", list(config_eos))]
     if folder is not None and (folder / "generation_config.json").is_file():
-        generation = read_json_file(folder / "generation_config.json")
+        from mtjax.rundir import read_json_file
+
+        generation = read_json_file(folder / "generation_config.json", error=SourceError)
         origins.append(("generation_config.json", _ids(generation.get("eos_token_id"))))
     origins.append(("tokenizer", _ids(getattr(tokenizer, "eos_token_id", None))))
     for origin, ids in origins:

@@ -7,7 +7,36 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+# The slowest files (each several minutes on a 2-core machine; `--durations` in every run lists them), run
+# first: README's test command hands whole files to two workers in collection order (--dist loadfile
+# --no-loadscope-reorder), so a long file started last would leave one worker idle while the other ends it.
+SLOWEST_FIRST = ("test_multiprocess.py", "test_em_run.py", "test_replicate.py", "test_reliability.py",
+                 "test_paper_path.py", "test_synthetic_driver.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(tmp_path_factory) -> Path:
+    """jax's persistent compilation cache, one folder for the whole test session: both xdist workers and the
+    runs that tests launch (`--compilation_cache=`) share it, so the many runs of the same preset compile each
+    train step and sampler once instead of once per run. It lies under pytest's base temp: every session
+    starts cold (nothing from an earlier session or from ~/.cache is reused)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each worker's base temp is a folder of the session's
+    from mtjax.run import enable_compilation_cache
+
+    folder = root / "xla_cache"
+    enable_compilation_cache(str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,14 @@ import pytest
 from mtjax.rundir import RunDir, RunDirError
 
 REPO = Path(__file__).parents[1]
-# The global mesh of conftest.tiny_config (2 devices, data-parallel); train-state saves after every step
-# exercise the collective mid-phase checkpoint (operational: the single-process reference needs none);
-# the M-step trains for 3 epochs (9 steps) so that a preemption notice sent as it starts lands before it ends.
-OVERRIDES = ["--config.mesh.data=2", "--config.checkpoint.train_every_steps=1", "--config.rm.epochs=3"]
+# The global mesh of conftest.tiny_config (2 devices, data-parallel); the M-step trains for 3 epochs (9 steps)
+# so that a preemption notice sent as it starts lands before it ends.
+OVERRIDES = ["--config.mesh.data=2", "--config.rm.epochs=3"]
+# The two-process runs save the train state after every step, exercising the collective mid-phase checkpoint;
+# the single-process reference, never interrupted, saves none (operational settings: they change no number,
+# as the resume tests of tests/test_em_run.py show).
+SAVES = {2: ["--config.checkpoint.train_every_steps=1"],
+         1: ["--config.checkpoint.train_every_steps=0", "--config.checkpoint.train_every_seconds=0"]}
 CHECKPOINTS = ("base_rm/reward_model", "iter_1/policy", "iter_1/reward_model", "iter_2/policy", "iter_2/reward_model")
 
 
@@ -44,7 +48,8 @@ def _launch(workdir: Path, logs: Path, attempt: str, processes: int = 2) -> list
     for pid in range(processes):
         log = open(logs / f"{attempt}_process_{pid}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:tiny", *OVERRIDES, f"--workdir={workdir}",
+            [sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:tiny", *OVERRIDES,
+             *SAVES[processes], f"--workdir={workdir}",
              f"--compilation_cache={logs.parent / f'xla_cache_{processes}'}", *distributed,
              *([f"--process_id={pid}"] if processes > 1 else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))

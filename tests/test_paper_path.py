@@ -54,7 +54,7 @@ def fill_hub_cache(hf_home: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def paper_run(tmp_path_factory):
+def paper_run(tmp_path_factory, xla_cache):
     root = tmp_path_factory.mktemp("paper")
     hf_home = root / "hf_home"
     fill_hub_cache(hf_home)
@@ -62,7 +62,7 @@ def paper_run(tmp_path_factory):
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     workdir = root / "run"
     proc = subprocess.run([sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:paper", f"--workdir={workdir}",
-                           "--compilation_cache=", *SIZES], capture_output=True, text=True, cwd=ROOT, env=env,
+                           f"--compilation_cache={xla_cache}", *SIZES], capture_output=True, text=True, cwd=ROOT, env=env,
                           timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return workdir, proc.stdout, env, root

@@ -29,12 +29,25 @@ def phase_summary(run_dir: Path, name: str) -> dict:
     return RunDir.open_read_only(run_dir).summary(name)
 
 
-def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
+def alpaca_eval_file(path: Path) -> Path:
+    """AlpacaEval-2's file format (instruction, GPT-4-turbo's output, generator, dataset), three rows."""
+    rows = [{"dataset": "helpful_base", "instruction": instruction, "output": output, "generator": "gpt4_1106_preview"}
+            for instruction, output in [
+                ("Name three colours of the rainbow.", "Red, orange and yellow are three colours of the rainbow."),
+                ("What is the capital of France?", "The capital of France is Paris."),
+                ("Give me a word that rhymes with cat.", "Hat rhymes with cat.")]]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch, xla_cache):
+    workdir = tmp_path / "study"
     argv = ["--preset", "tiny", "--seeds", "0", "--arms", "mutual,offline", "--alpaca-prompts", "2",
-            "--workdir", str(tmp_path)]
+            "--alpaca-data", str(alpaca_eval_file(tmp_path / "alpaca_eval.json")), "--workdir", str(workdir),
+            "--compilation-cache", str(xla_cache)]
     replicate.main(argv)
 
-    results = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((workdir / "results.json").read_text())
     arms = results["arms"]
     assert set(arms) == {"mutual", "offline"}
     assert sorted(arms["mutual"]) == ["0", "1", "2"] and sorted(arms["offline"]) == ["0", "1"]
@@ -44,7 +57,7 @@ def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
             for key in ("gold_reward", "prompt_level_strict", "length_mean_tokens", "alpaca_win_rate"):
                 assert stats[key]["n"] == 1 and stats[key]["std"] is None, (arm, t, key)
     # r0 and the base evaluation were taken from mutual, not recomputed (same summary, wall time included).
-    mutual, offline = tmp_path / "seed_0" / "mutual", tmp_path / "seed_0" / "offline"
+    mutual, offline = workdir / "seed_0" / "mutual", workdir / "seed_0" / "offline"
     for phase in ("prompts", "base_rm", "iter_0/eval"):
         assert phase_summary(offline, phase) == phase_summary(mutual, phase)
     assert arms["offline"]["0"]["gold_reward"]["mean"] == arms["mutual"]["0"]["gold_reward"]["mean"]
@@ -61,11 +74,11 @@ def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
     assert all("no noise estimate" in c["verdict"] for c in results["claims"] if c["n"] == 1)
     assert set(results["wall_seconds"]) == {"mutual", "offline"}
     for name in ("gold_reward.png", "rm_accuracy_current_policy.png", "final_iteration.png", "results.md"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "| mutual | 2 |" in (tmp_path / "results.md").read_text()
+        assert (workdir / name).stat().st_size > 0
+    assert "| mutual | 2 |" in (workdir / "results.md").read_text()
 
     # A rerun is a no-op: no model is built, no file changes (content or mtime).
-    before = snapshot(tmp_path)
+    before = snapshot(workdir)
     from mtjax import em
 
     def refuse(*args, **kwargs):
@@ -73,10 +86,10 @@ def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch):
 
     monkeypatch.setattr(em, "MutualTaught", refuse)
     replicate.main(argv)
-    assert snapshot(tmp_path) == before
+    assert snapshot(workdir) == before
     # --report-only works too (and changes nothing).
     replicate.main([*argv, "--report-only"])
-    assert snapshot(tmp_path) == before
+    assert snapshot(workdir) == before
 
 
 def test_overrides_and_bad_arguments(replicate):

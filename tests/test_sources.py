@@ -24,6 +24,14 @@ def test_stop_ids_are_the_union_of_config_generation_config_and_tokenizer(folder
     assert spec.config.eos_token_ids == (END_OF_TEXT, EOT)
 
 
+def test_a_damaged_generation_config_is_one_error_naming_the_file(folders, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(folders[0], tmp_path / "policy")
+    (folder / "generation_config.json").write_text('{"eos_token_id": [128001,\n')
+    with pytest.raises(SourceError, match=r"generation_config.json: line 2: not valid JSON"):
+        describe(ModelSource(source=str(folder)), {}, "policy")
+
 def test_the_policy_stops_on_eot_that_only_the_generation_config_names(folders):
     from mtjax import data
     from mtjax.sampling import generate
