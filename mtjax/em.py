@@ -34,7 +34,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from mtjax import data, settings, tracking
+from mtjax import data, layout, settings, tracking
 from mtjax.device_memory import explain, is_out_of_memory, working_on
 from mtjax.distributed import barrier, is_primary
 from mtjax.divergence import DivergenceError, DivergenceGuard, nonfinite_count
@@ -461,7 +461,7 @@ class MutualTaught:
                 for spec in self.specs.values():
                     print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
             # a new run's prompts are read and measured before its directory is written
-            built = None if RunDir.has_completed(workdir, "prompts") else self._build_prompt_splits(self.specs)
+            built = None if RunDir.has_completed(workdir, layout.PROMPTS) else self._build_prompt_splits(self.specs)
             self.rd = RunDir(workdir, cfg.to_dict(), allow_config_change)
             self._reconcile_run_directory()
             self.tracker = tracking.MetricsWriter(self.rd, settings.build(tracking.TrackingConfig, cfg.logging),
@@ -470,8 +470,8 @@ class MutualTaught:
         self.models = load_models(self.specs, cfg.seed, self.mesh)
         self.splits = {} if read_only else self._prompt_splits(built)
         self._prompt_ids: dict[str, list[list[int]]] = {}
-        if self.sft.enabled and self.rd.done("sft"):
-            self._start_from(self.rd.load_params("sft/policy", like=self.models.policy_params))
+        if self.sft.enabled and self.rd.done(layout.SFT):
+            self._start_from(self.rd.load_params(layout.SFT_POLICY, like=self.models.policy_params))
 
     def _reconcile_run_directory(self) -> None:
         """Makes the run directory agree with this run: an unfinished phase drops what it made with settings
@@ -615,18 +615,18 @@ class MutualTaught:
     def _prompt_splits(self, built):
         from mtjax.testbed.prompts import load_prompt_splits, save_prompt_splits
 
-        if not self.rd.done("prompts"):
+        if not self.rd.done(layout.PROMPTS):
             splits, gen_cfg, counts, records = built or self._build_prompt_splits(self.specs)  # a redo
-            with self.phase("prompts") as summary:
+            with self.phase(layout.PROMPTS) as summary:
                 for name, rows in records.items():  # what the benchmarks judge against (references, pairs)
-                    self.rd.write_jsonl(f"benchmarks/{name}.jsonl", rows)
+                    self.rd.write_jsonl(layout.benchmark_records(name), rows)
                 if is_primary():  # the others built the same splits; they read process 0's files
-                    save_prompt_splits(splits, self.rd.file("prompts"), gen_cfg)
+                    save_prompt_splits(splits, self.rd.file(layout.PROMPTS_FOLDER), gen_cfg)
                 barrier("mtjax-prompts")
-                self.rd.record_artifact("prompts")
-                summary.update({f"prompts_{k}": len(v) for k, v in splits.items()})
+                self.rd.record_artifact(layout.PROMPTS_FOLDER)
+                summary.update({layout.prompts_count(k): len(v) for k, v in splits.items()})
                 summary.update(counts)
-        return load_prompt_splits(self.rd.file("prompts"))
+        return load_prompt_splits(self.rd.file(layout.PROMPTS_FOLDER))
 
     def prompt_ids(self, split: str) -> list[list[int]]:
         from mtjax.prompt_sets import row_prompt
@@ -642,11 +642,14 @@ class MutualTaught:
 
         return [row_prompt(row) for row in self.splits[split]]
 
-    def _seed(self, phase: str) -> int:
-        """A per-phase seed, so a resumed run samples exactly what an uninterrupted one would."""
-        import zlib
+    def _seed(self, name: str) -> int:
+        """The seed of the draw named `name` (`layout.seed_name`: a frozen name, not a path), so a resumed run
+        samples exactly what an uninterrupted one would."""
+        return layout.derive_seed(self.cfg.seed, name)
 
-        return (self.cfg.seed * 1_000_003 + zlib.crc32(phase.encode())) % (2**31)
+    def seed(self, phase: str, purpose: str | None = None) -> int:
+        """The seed of `phase`'s draw for `purpose` (`layout.seed_name`; none: its training shuffle)."""
+        return self._seed(layout.seed_name(phase, purpose))
 
     @contextlib.contextmanager
     def phase(self, name: str):
@@ -670,13 +673,13 @@ class MutualTaught:
                 _say(message)
         self.train_checkpoint(name).clear()  # the phase's outputs supersede its mid-phase state
 
-    def train_checkpoint(self, phase: str, folder: str = "train_state") -> TrainCheckpoint:
-        """The phase's train-state saves (in `PHASE/folder`); its divergence guard names the learning rate to
-        lower."""
+    def train_checkpoint(self, phase: str, ser_round: int | None = None) -> TrainCheckpoint:
+        """The phase's (or its SER round's) train-state saves (`layout.train_state_folder`); its divergence
+        guard names the learning rate to lower."""
         c, section = self.cfg.checkpoint, training_section(phase)
         settings = self.cfg[section].to_dict() if section else None
         guard = DivergenceGuard(phase, f"{section}.learning_rate", settings["learning_rate"]) if section else None
-        return TrainCheckpoint(self.rd, f"{phase}/{folder}", every_steps=c.train_every_steps,
+        return TrainCheckpoint(self.rd, layout.train_state_folder(phase, ser_round), every_steps=c.train_every_steps,
                                every_seconds=c.train_every_seconds, guard=guard, settings=settings)
 
     def log(self, phase: str) -> Callable[[dict], None]:
@@ -685,14 +688,18 @@ class MutualTaught:
 
     # -- stored samples ----------------------------------------------------------------------
 
-    def samples(self, phase: str, name: str, params: Any, split: str, num_samples: int,
+    def samples(self, phase: str, sample_pass: layout.SamplePass | str, params: Any, split: str, num_samples: int,
                 rm_params: Any = None, sampling: Any = None) -> tuple[list[list[Sample]], list]:
         """Samples (and, with `rm_params`, their RM scores) of `split`, read back if already stored.
+        `sample_pass`: a `layout.SamplePass`, or its file name (`layout.sample_pass`).
 
         The pass runs in pieces of `checkpoint.sample_every_prompts` prompts; the rows of finished pieces
-        are kept in `NAME.partial.jsonl`, so an interrupted pass resumes with the next piece. Each prompt
-        keeps its index in the split, hence its random draws."""
-        path, partial = f"{phase}/{name}.jsonl", f"{phase}/{name}.partial.jsonl"
+        are kept in its partial file, so an interrupted pass resumes with the next piece. Each prompt
+        keeps its index in the split, hence its random draws (seeded by the pass's frozen seed name)."""
+        if isinstance(sample_pass, str):
+            sample_pass = layout.sample_pass(sample_pass)
+        path, partial = layout.samples_file(phase, sample_pass), layout.partial_samples_file(phase, sample_pass)
+        name = sample_pass.file
         if self.rd.file(path).exists():  # written by an earlier attempt at this phase
             self.rd.record_artifact(path, keep_recorded=True)
         else:
@@ -708,7 +715,8 @@ class MutualTaught:
                 start = time.perf_counter()
                 hi = min(lo + piece, len(prompts))
                 samples = sample_responses(self.models, params, prompts[lo:hi], num_samples,
-                                           sampling or self.sampling, self._seed(path), self.mesh,
+                                           sampling or self.sampling,
+                                           self.seed(phase, sample_pass.seed_purpose), self.mesh,
                                            first_prompt_index=lo)
                 rewards = [[None] * len(s) for s in samples]
                 if rm_params is not None:
@@ -783,19 +791,19 @@ class MutualTaught:
         The reward model then starts from π0's backbone (`sft.reward_model_from_policy`)."""
         from mtjax.synthetic import DemonstratorConfig
 
-        phase = "sft"
+        phase = layout.SFT
         if not self.sft.enabled:
             return self.models.policy_params
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                rows = self.task.demonstrations(self.prompts("sft"), self.sft.demonstrations_per_prompt,
+                rows = self.task.demonstrations(self.prompts(phase), self.sft.demonstrations_per_prompt,
                                                 self.sft.seed, settings.build(DemonstratorConfig, self.cfg.sft))
-                self.rd.write_jsonl(f"{phase}/demonstrations.jsonl", [{"prompt": p, "response": r} for p, r in rows])
+                self.rd.write_jsonl(layout.demonstrations_file(), [{"prompt": p, "response": r} for p, r in rows])
                 params, stats = train_sft(self.models, self._initial_policy(self.sft.seed), rows, self.cfg.sft,
                                           self.mesh, self.sft.seed, self.log(phase), self.train_checkpoint(phase))
-                self.rd.save_params(f"{phase}/policy", params)
+                self.rd.save_params(layout.SFT_POLICY, params)
                 summary.update({"demonstrations": len(rows), **stats})
-        self._start_from(self.rd.load_params(f"{phase}/policy", like=self.models.policy_params))
+        self._start_from(self.rd.load_params(layout.SFT_POLICY, like=self.models.policy_params))
         return self.models.policy_params
 
     def _initial_policy(self, seed: int) -> Any:
@@ -830,19 +838,19 @@ class MutualTaught:
         pair of a label prompt's samples, or `base_rm.pairs_per_prompt` random ones (the "human" budget)."""
         from mtjax.gold_pairs import pairs_per_prompt, untied_pairs
 
-        phase = "base_rm"
+        phase = layout.BASE_RM
         if not self.cfg.base_rm.enabled:  # the RM source is already a trained reward model
             return self.models.reward_init_params
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "base_rm_labels"
-                self.samples(phase, "samples", self.models.policy_params, split, self.sampling.num_samples)
-                rows = self.sample_rows(f"{phase}/samples.jsonl", split)
+                self.samples(phase, layout.SAMPLES, self.models.policy_params, split, self.sampling.num_samples)
+                rows = self.sample_rows(layout.samples_file(phase, layout.SAMPLES), split)
                 texts = [[r["text"] for r in group] for group in rows]
                 rewards = self.task.gold_rewards(list(self.splits[split]), texts)
                 budget = settings.build(settings.BaseRMPhase, self.cfg.base_rm).pairs_per_prompt
                 untied, tied = untied_pairs(rewards, texts)
-                labelled = pairs_per_prompt(rewards, texts, budget, self._seed(f"{phase}/labels"))
+                labelled = pairs_per_prompt(rewards, texts, budget, self.seed(phase, layout.BASE_RM_LABELS_SEED))
                 by_text, prompt_texts = self.ids_by_text(split, rows), self.splits[split]["prompt"]
                 pairs = PairSet([], [], [], Counter())
                 for p, hi, lo in labelled:
@@ -851,26 +859,26 @@ class MutualTaught:
                     pairs.prompts.append(p_ids)
                     pairs.chosen.append(list(chosen))
                     pairs.rejected.append(list(rejected))
-                pairs.counts.update(pairs=len(pairs), prompts_without_pair=len(rows) - len({p for p, _, _ in untied}),
-                                    tied_pairs_skipped=tied)
+                pairs.counts.update({layout.PAIRS_BUILT: len(pairs)}, tied_pairs_skipped=tied,
+                                    prompts_without_pair=len(rows) - len({p for p, _, _ in untied}))
                 if budget:
                     pairs.counts["untied_pairs_not_labelled"] = len(untied) - len(pairs)
-                self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("gold"))
+                self.rd.write_jsonl(layout.pairs_file(phase), pairs.rows(layout.GOLD_PAIRS))
                 params, stats = train_reward_model(self.models, self.models.reward_init_params, [pairs],
-                                                   self.cfg.base_rm, self.mesh, self._seed(phase), self.log(phase),
-                                                   self.train_checkpoint(phase), name="base_rm")
-                self.rd.save_params(f"{phase}/reward_model", params)
+                                                   self.cfg.base_rm, self.mesh, self.seed(phase),
+                                                   self.log(phase), self.train_checkpoint(phase), name="base_rm")
+                self.rd.save_params(layout.BASE_RM_MODEL, params)
                 summary.update({**pairs.counts, **stats})
-        return self.rd.load_params(f"{phase}/reward_model", like=self.models.reward_init_params)
+        return self.rd.load_params(layout.BASE_RM_MODEL, like=self.models.reward_init_params)
 
     def e_step(self, t: int, policy_params: Any, rm_params: Any) -> Any:
         """π_t: K samples of π_{t-1} on the iteration's prompts scored by r_{t-1} (or judged, `judged_rewards`),
         one pair per prompt by `mt.policy_pairs`, then DPO (or the `dpo` section's objective) from π_{t-1}."""
-        phase = f"iter_{t}/e_step"
+        phase = layout.e_step(t)
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = self.policy_split(t)
-                samples, rewards = self.samples(phase, "samples", policy_params, split, self.sampling.num_samples,
+                samples, rewards = self.samples(phase, layout.SAMPLES, policy_params, split, self.sampling.num_samples,
                                                 rm_params=None if self.mt.judges else rm_params)
                 if self.mt.judges:
                     judge = policy_params if self.mt.policy_rewards == "judge_policy" else self.models.policy_params
@@ -878,13 +886,13 @@ class MutualTaught:
                     summary.update(judged)
                 pairs = policy_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated,
                                      self.mt.policy_pairs, win_probs=self.cfg.dpo.loss_type == "sppo")
-                self.rd.write_jsonl(f"{phase}/pairs.jsonl", pairs.rows("policy"))
+                self.rd.write_jsonl(layout.pairs_file(phase), pairs.rows(layout.POLICY_PAIRS))
                 new_params, stats = train_dpo(self.models, policy_params, pairs, self.cfg.dpo, self.mesh,
-                                              self._seed(phase), self.log(phase), str(self.rd.file("reference_cache")),
-                                              self.train_checkpoint(phase))
-                self.rd.save_params(f"iter_{t}/policy", new_params)
+                                              self.seed(phase), self.log(phase),
+                                              str(self.rd.file(layout.REFERENCE_CACHE)), self.train_checkpoint(phase))
+                self.rd.save_params(layout.policy_checkpoint(t), new_params)
                 summary.update({**pairs.counts, **stats, **_length_summary(pairs)})
-        return self.rd.load_params(f"iter_{t}/policy", like=self.models.policy_params)
+        return self.rd.load_params(layout.policy_checkpoint(t), like=self.models.policy_params)
 
     def judged_rewards(self, phase: str, split: str, judge_params: Any) -> tuple[list[list[float]], dict]:
         """LLM-as-a-judge rewards of the phase's stored samples (`mtjax.judge`): each response judged
@@ -893,8 +901,8 @@ class MutualTaught:
         kept in `PHASE/judgments.jsonl` (read back on a rerun). Returns the rewards per prompt and the counts."""
         from mtjax.judge import judge_rewards, parse_score
 
-        path = f"{phase}/judgments.jsonl"
-        groups = self.sample_rows(f"{phase}/samples.jsonl", split)
+        path = layout.judgments_file(phase)
+        groups = self.sample_rows(layout.samples_file(phase, layout.SAMPLES), split)
         if self.rd.file(path).exists():  # written by an earlier attempt at this phase
             self.rd.record_artifact(path, keep_recorded=True)
             rows = self.rd.read_jsonl(path)
@@ -907,7 +915,8 @@ class MutualTaught:
 
             def judge(queries: list[str]) -> list[str]:
                 ids = [data.chat_prompt_ids(self.models.tokenizer, q) for q in queries]
-                out = sample_responses(self.models, judge_params, ids, 1, sampling, self._seed(path), self.mesh)
+                out = sample_responses(self.models, judge_params, ids, 1, sampling,
+                                       self.seed(phase, layout.JUDGE_SEED), self.mesh)
                 judgments.extend(response_text(self.models, s[0]) for s in out)
                 return judgments
 
@@ -923,7 +932,7 @@ class MutualTaught:
                             "responses_unjudged": sum(not math.isfinite(r["reward"]) for r in rows)}
 
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:
-        phase = f"iter_{t}/m_step"
+        phase = layout.m_step(t)
         cfg = self.mt
         if not cfg.trains_rm:
             return rm_params
@@ -932,55 +941,57 @@ class MutualTaught:
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 split = "reward_model"
-                new_samples, new_rewards = self.samples(phase, "new_policy_samples", new_policy, split,
+                new_samples, new_rewards = self.samples(phase, layout.NEW_POLICY_SAMPLES, new_policy, split,
                                                         self.sampling.num_samples, rm_params=rm_params)
                 # The contrastive pair uses one response of π_{t-1} per prompt (its reward feeds the filter).
-                old_samples, old_rewards = self.samples(phase, "old_policy_samples", old_policy, split, 1,
+                old_samples, old_rewards = self.samples(phase, layout.OLD_POLICY_SAMPLES, old_policy, split, 1,
                                                         rm_params=rm_params)
                 prompts = self.prompt_ids(split)
                 pair_sets: dict[str, PairSet] = {}
                 if cfg.rm_update != "contrastive_only":
-                    pair_sets["self"] = length_controlled_pairs(prompts, new_samples, new_rewards, cfg.drop_truncated)
+                    pair_sets[layout.SELF_PAIRS] = length_controlled_pairs(prompts, new_samples, new_rewards,
+                                                                           cfg.drop_truncated)
                 if cfg.rm_update != "self_only":
-                    pair_sets["contrastive"] = contrastive_pairs(prompts, new_samples, new_rewards, old_samples,
-                                                                 old_rewards, cfg.contrastive_filter,
-                                                                 cfg.drop_truncated)
+                    pair_sets[layout.CONTRASTIVE_PAIRS] = contrastive_pairs(
+                        prompts, new_samples, new_rewards, old_samples, old_rewards, cfg.contrastive_filter,
+                        cfg.drop_truncated)
                 if cfg.rm_update == "oracle":  # the positive control: the same pairs, labelled by gold
                     pair_sets = {kind: self.gold_oriented(split, pairs) for kind, pairs in pair_sets.items()}
                 elif cfg.rm_update == "random":  # the negative control: the same pairs, labelled by a coin
-                    coin = np.random.default_rng(self._seed(f"{phase}/random_labels"))
+                    coin = np.random.default_rng(self.seed(phase, layout.RANDOM_LABELS_SEED))
                     pair_sets = {kind: oriented_pairs(pairs, coin.random(len(pairs)) < 0.5, "random")
                                  for kind, pairs in pair_sets.items()}
                 for kind, pairs in pair_sets.items():
-                    self.rd.write_jsonl(f"{phase}/{kind}_pairs.jsonl", pairs.rows(kind))
+                    self.rd.write_jsonl(layout.pairs_file(phase, kind), pairs.rows(kind))
                 params, stats = train_reward_model(self.models, base_rm, list(pair_sets.values()), self.cfg.rm,
-                                                   self.mesh, self._seed(phase), self.log(phase),
+                                                   self.mesh, self.seed(phase), self.log(phase),
                                                    self.train_checkpoint(phase))
-                self.rd.save_params(f"iter_{t}/reward_model", params)
-                counts = {f"{kind}_{k}": v for kind, pairs in pair_sets.items() for k, v in pairs.counts.items()}
+                self.rd.save_params(layout.reward_model_checkpoint(t), params)
+                counts = {layout.kind_count(kind, k): v for kind, pairs in pair_sets.items()
+                          for k, v in pairs.counts.items()}
                 summary.update({**counts, **stats})
-        return self.rd.load_params(f"iter_{t}/reward_model", like=base_rm)
+        return self.rd.load_params(layout.reward_model_checkpoint(t), like=base_rm)
 
     def ser_m_step(self, t: int, new_policy: Any, rm_params: Any) -> Any:
         """r_t by Self-Evolved Reward learning: every pair of distinct samples of π_t on D_R, labelled by the RM
         itself (`data.self_labelled_pairs`: its Bradley-Terry confidence, kept at ≥ `mt.ser_threshold`), the RM
         trained on the kept ones from the labelling RM, `mt.ser_rounds` times (round 1 labels with r_{t-1}).
         Each round's RM is saved (`PHASE/round_R/reward_model`), so a rerun continues after the last one."""
-        phase, cfg, split = f"iter_{t}/m_step", self.mt, "reward_model"
+        phase, cfg, split = layout.m_step(t), self.mt, "reward_model"
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                samples, rewards = self.samples(phase, "new_policy_samples", new_policy, split,
+                samples, rewards = self.samples(phase, layout.NEW_POLICY_SAMPLES, new_policy, split,
                                                 self.sampling.num_samples, rm_params=rm_params)
-                groups = self.sample_rows(f"{phase}/new_policy_samples.jsonl", split)
+                groups = self.sample_rows(layout.samples_file(phase, layout.NEW_POLICY_SAMPLES), split)
                 candidates = []  # (prompt index, sample i, sample j)
                 counts: Counter = Counter()
                 for p, (per_prompt, per_rewards) in enumerate(zip(samples, rewards, strict=True)):
                     keep = pairable(per_prompt, per_rewards, cfg.drop_truncated, counts)
                     candidates += [(p, i, j) for a, i in enumerate(keep) for j in keep[a + 1:]]
-                summary.update({**counts, "ser_candidate_pairs": len(candidates)})
+                summary.update({**counts, layout.SER_CANDIDATE_PAIRS: len(candidates)})
                 params, prompts = rm_params, self.prompt_ids(split)
                 for r in range(1, cfg.ser_rounds + 1):
-                    saved = f"{phase}/round_{r}/reward_model"
+                    saved, kind = layout.ser_round_reward_model(phase, r), layout.ser_round_kind(r)
                     if r > 1:
                         rewards = self.score_groups(params, split, groups)
                     labels = data.self_labelled_pairs([rewards[p][i] for p, i, _ in candidates],
@@ -990,24 +1001,26 @@ class MutualTaught:
                         if keep:
                             first, second = samples[p][i].ids, samples[p][j].ids
                             pairs.append(prompts[p], *((second, first) if swap else (first, second)))
-                    self.rd.write_jsonl(f"{phase}/round_{r}_pairs.jsonl", pairs.rows(f"ser_round_{r}"))
+                    self.rd.write_jsonl(layout.ser_round_pairs_file(phase, r), pairs.rows(kind))
                     kept = labels.confidence[labels.keep]
-                    summary.update({f"ser_round_{r}_pairs": len(pairs),
-                                    f"ser_round_{r}_confidence_mean": float(kept.mean()) if kept.size else math.nan})
+                    summary.update({layout.kind_count(kind, layout.PAIRS_BUILT): len(pairs),
+                                    layout.kind_count(kind, "confidence_mean"):
+                                        float(kept.mean()) if kept.size else math.nan})
                     if self.rd.file(saved).exists():  # an earlier attempt at this phase finished the round
                         self.rd.record_artifact(saved, keep_recorded=True)
                     else:
-                        checkpoint = self.train_checkpoint(phase, f"round_{r}/train_state")
+                        checkpoint = self.train_checkpoint(phase, ser_round=r)
                         trained, stats = train_reward_model(self.models, params, [pairs], self.cfg.rm, self.mesh,
-                                                            self._seed(f"{phase}/round_{r}"), self.log(phase),
-                                                            checkpoint)
+                                                            self.seed(phase, layout.ser_round_seed(r)),
+                                                            self.log(phase), checkpoint)
                         self.rd.save_params(saved, trained)
                         checkpoint.clear()
-                        summary.update({f"ser_round_{r}_{k}": v for k, v in stats.items()})
+                        summary.update({layout.kind_count(kind, k): v for k, v in stats.items()})
                     params = self.rd.load_params(saved, like=rm_params)
-                self.rd.save_params(f"iter_{t}/reward_model", params)
-                summary["trained_pairs"] = summary.get(f"ser_round_{cfg.ser_rounds}_trained_pairs", 0)
-        return self.rd.load_params(f"iter_{t}/reward_model", like=rm_params)
+                self.rd.save_params(layout.reward_model_checkpoint(t), params)
+                last = layout.kind_count(layout.ser_round_kind(cfg.ser_rounds), layout.PAIRS_TRAINED)
+                summary[layout.PAIRS_TRAINED] = summary.get(last, 0)
+        return self.rd.load_params(layout.reward_model_checkpoint(t), like=rm_params)
 
     def gold_oriented(self, split: str, pairs: PairSet) -> PairSet:
         """`pairs` (of `split`'s prompts) each oriented by the task's gold reward; gold ties dropped, counted."""
@@ -1016,16 +1029,16 @@ class MutualTaught:
                  for c, r in zip(pairs.chosen, pairs.rejected, strict=True)]
         gold = self.task.gold_rewards([rows[tuple(p)] for p in pairs.prompts], texts)
         keep = [None if math.isnan(a) or math.isnan(b) or a == b else a > b for a, b in gold]
-        return oriented_pairs(pairs, keep, "gold")
+        return oriented_pairs(pairs, keep, layout.GOLD_PAIRS)
 
     def evaluate(self, t: int, policy_params: Any, rm_params: Any) -> dict:
         """π_t and r_t on `eval.benchmarks` (see `mtjax.iteration_eval`): the task's held-out split ('testbed',
         `mtjax.tasks`) and/or the paper's benchmarks.
 
-        Writes `iter_t/eval/results.json` (flat) and `eval/iter_t.json` (the report's nested names)."""
+        Writes `layout.eval_results` (flat) and `layout.eval_metrics` (the report's nested names)."""
         from mtjax.iteration_eval import evaluate_benchmarks
 
-        phase = f"iter_{t}/eval"
+        phase = layout.eval_phase(t)
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
                 metrics: dict[str, Any] = {}
@@ -1036,10 +1049,10 @@ class MutualTaught:
                 benchmarks = evaluate_benchmarks(self, t, phase, policy_params, rm_params, self.judge_params)
                 metrics.update(benchmarks)
                 result.update({f"{name}_{k}": v for name, values in benchmarks.items() for k, v in values.items()})
-                metrics["pairs"] = self._pair_counts(t)
-                self.rd.write_json(f"eval/iter_{t}.json", {"iteration": t, "metrics": metrics})
+                metrics[layout.PAIR_METRICS] = self._pair_counts(t)
+                self.rd.write_json(layout.eval_metrics(t), {"iteration": t, "metrics": metrics})
                 self.log(phase)(metrics)  # the same names in metrics.jsonl and the tracking sinks
-                self.rd.write_json(f"{phase}/results.json", result)
+                self.rd.write_json(layout.eval_results(t), result)
                 summary.update(result)
         return self.rd.summary(phase)
 
@@ -1053,20 +1066,23 @@ class MutualTaught:
 
     def _pair_counts(self, t: int) -> dict[str, int]:
         """How many pairs each training phase of iteration t used (and dropped), from its summary."""
+        built, trained, L = layout.PAIRS_BUILT, layout.PAIRS_TRAINED, layout
         counts = {}
-        if t == 0 and self.rd.done("base_rm"):
-            summary = self.rd.summary("base_rm")
-            counts.update(base_rm_gold=summary.get("pairs", 0), base_rm_trained=summary.get("trained_pairs", 0))
-        if t >= 1 and self.rd.done(f"iter_{t}/e_step"):
-            summary = self.rd.summary(f"iter_{t}/e_step")
-            counts.update(policy=summary.get("pairs", 0), policy_trained=summary.get("trained_pairs", 0),
-                          policy_skipped=sum(v for k, v in summary.items() if k.startswith("skipped_")))
-        if t >= 1 and self.rd.done(f"iter_{t}/m_step"):
-            summary = self.rd.summary(f"iter_{t}/m_step")
-            counts.update(rm_contrastive=summary.get("contrastive_pairs", 0),
-                          rm_self_training=summary.get("self_pairs", 0), rm_trained=summary.get("trained_pairs", 0))
+        if t == 0 and self.rd.done(L.BASE_RM):
+            summary = self.rd.summary(L.BASE_RM)
+            counts.update({L.PAIR_BASE_RM_GOLD: summary.get(built, 0), L.PAIR_BASE_RM_TRAINED: summary.get(trained, 0)})
+        if t >= 1 and self.rd.done(L.e_step(t)):
+            summary = self.rd.summary(L.e_step(t))
+            counts.update({L.PAIR_POLICY: summary.get(built, 0), L.PAIR_POLICY_TRAINED: summary.get(trained, 0),
+                           L.PAIR_POLICY_SKIPPED: sum(v for k, v in summary.items() if k.startswith(L.SKIPPED_PREFIX))})
+        if t >= 1 and self.rd.done(L.m_step(t)):
+            summary = self.rd.summary(L.m_step(t))
+            counts.update({L.PAIR_RM_CONTRASTIVE: summary.get(L.kind_count(L.CONTRASTIVE_PAIRS, built), 0),
+                           L.PAIR_RM_SELF_TRAINING: summary.get(L.kind_count(L.SELF_PAIRS, built), 0),
+                           L.PAIR_RM_TRAINED: summary.get(trained, 0)})
             if self.mt.rm_update == "ser":
-                counts["rm_self_labelled"] = summary.get(f"ser_round_{self.mt.ser_rounds}_pairs", 0)
+                last = L.ser_round_kind(self.mt.ser_rounds)
+                counts[L.PAIR_RM_SELF_LABELLED] = summary.get(L.kind_count(last, built), 0)
         return counts
 
     def text_score_fn(self, rm_params: Any, known: Mapping[tuple[str, str], tuple[list[int], list[int]]]
@@ -1091,7 +1107,7 @@ class MutualTaught:
             results.append(self.evaluate(t, new_policy, rm))
             if self.mt.gate_win_rate is None or self.gate(t, kept, rm):
                 policy, kept = new_policy, t
-        self.rd.write_json("summary.json", {"iterations": results, "wall_seconds": time.perf_counter() - start,
+        self.rd.write_json(layout.SUMMARY_FILE, {"iterations": results, "wall_seconds": time.perf_counter() - start,
                                             "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
         self.tracker.close()
         return results
@@ -1099,11 +1115,11 @@ class MutualTaught:
     def gate(self, t: int, kept: int, rm_params: Any) -> bool:
         """The checkpoint gate: keep π_t only if r_t prefers its held-out responses to those of the kept
         policy π_kept (same prompts, sample k against sample k; ties count half) at a rate ≥ τ."""
-        phase = f"iter_{t}/gate"
+        phase = layout.gate(t)
         if not self.rd.done(phase):
             with self.phase(phase) as summary:
-                new = self.sample_rows(f"iter_{t}/eval/samples.jsonl", "heldout_eval")
-                old = self.sample_rows(f"iter_{kept}/eval/samples.jsonl", "heldout_eval")
+                new = self.sample_rows(layout.samples_file(layout.eval_phase(t), layout.SAMPLES), "heldout_eval")
+                old = self.sample_rows(layout.samples_file(layout.eval_phase(kept), layout.SAMPLES), "heldout_eval")
                 prompts = list(zip(self.prompts("heldout_eval"), self.prompt_ids("heldout_eval"), strict=True))
                 pairs = [(p, a["response_ids"], b["response_ids"])
                          for p, na, ob in zip(prompts, new, old, strict=True) for a, b in zip(na, ob, strict=True)]
@@ -1121,21 +1137,21 @@ class MutualTaught:
         if t < 0 or t > self.iterations[-1]:
             raise ValueError(f"iteration {t} is outside 0..{self.iterations[-1]} of this run")
         finished = ", ".join(self.rd.completed()) or "none"
-        if t > 0 and not self.rd.done(f"iter_{t}/e_step"):
+        if t > 0 and not self.rd.done(layout.e_step(t)):
             raise ValueError(f"iteration {t} has no policy yet in {self.rd.path} (finished phases: {finished})")
-        if t == 0 and self.cfg.base_rm.enabled and not self.rd.done("base_rm"):
+        if t == 0 and self.cfg.base_rm.enabled and not self.rd.done(layout.BASE_RM):
             raise ValueError(f"the base reward model r0 is not trained yet in {self.rd.path} (finished phases: "
                              f"{finished})")
-        if t > 0 and self.mt.trains_rm and not self.rd.done(f"iter_{t}/m_step"):
+        if t > 0 and self.mt.trains_rm and not self.rd.done(layout.m_step(t)):
             raise ValueError(f"iteration {t} has no reward model yet in {self.rd.path} (finished phases: {finished})")
-        policy = self.models.policy_params if t == 0 else self.rd.load_params(f"iter_{t}/policy",
+        policy = self.models.policy_params if t == 0 else self.rd.load_params(layout.policy_checkpoint(t),
                                                                                like=self.models.policy_params)
         like = self.models.reward_init_params
         for s in range(t, 0, -1):
-            if self.rd.done(f"iter_{s}/m_step"):
-                return policy, self.rd.load_params(f"iter_{s}/reward_model", like=like)
-        if self.rd.done("base_rm"):
-            return policy, self.rd.load_params("base_rm/reward_model", like=like)
+            if self.rd.done(layout.m_step(s)):
+                return policy, self.rd.load_params(layout.reward_model_checkpoint(s), like=like)
+        if self.rd.done(layout.BASE_RM):
+            return policy, self.rd.load_params(layout.BASE_RM_MODEL, like=like)
         return policy, like
 
     def phase_seconds(self) -> dict[str, float]:
@@ -1143,10 +1159,7 @@ class MutualTaught:
         return {phase: self.rd.summary(phase).get("wall_seconds", float("nan")) for phase in self.rd.completed()}
 
 
-# The phases a run can take from another run instead of computing them (and their files): prompts, π0 and
-# r0 and the base policy's evaluation. Arms of an ablation (configs differing only in `mt`) share all of them.
-SHARED_PHASES = {"prompts": ("prompts",), "sft": ("sft",), "base_rm": ("base_rm",),
-                 "iter_0/eval": ("iter_0/eval", "eval/iter_0.json")}
+SHARED_PHASES = layout.SHARED_PHASES  # the phases a run can take from another run, with their files
 
 
 def share_base_phases(source: str, cfg: ConfigDict, workdir: str) -> list[str]:
@@ -1244,8 +1257,7 @@ def _eval_config_class():
 
 def _metrics_row(phase: str, row: Mapping[str, Any]) -> dict:
     """A metrics.jsonl line: the iteration (0 for base_rm and iter_0) and phase come first."""
-    iteration = int(phase.split("/")[0].removeprefix("iter_")) if phase.startswith("iter_") else 0
-    return {"iteration": iteration, "phase": phase, **row}
+    return {"iteration": layout.iteration_of(phase), "phase": phase, **row}
 
 
 def _length_summary(pairs: PairSet) -> dict[str, float]:
