@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     if _CACHE.value:
         enable_compilation_cache(_CACHE.value)
     with distributed.fail_fast():
-        run_loop(cfg, _WORKDIR.value or default_workdir(cfg), say=print if distributed.is_primary() else _quiet)
+        run_loop(cfg, _WORKDIR.value or default_workdir(cfg), say=distributed.primary_print)
 
 
 def _stop(message: str, code: int = 1) -> None:
@@ -100,10 +100,6 @@ def enable_compilation_cache(folder: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _quiet(*args, **kwargs) -> None:
-    del args, kwargs
 
 
 def default_workdir(cfg) -> str:

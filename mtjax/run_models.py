@@ -1,0 +1,54 @@
+"""The two models of a run, loaded: the policy and the reward model with their tokenizers, stop and pad ids
+(`describe_models` reads what `mtjax.sources` says of them without weights; `load_models` places them)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from mtjax import settings
+
+
+@dataclasses.dataclass
+class Models:
+    policy: Any  # CausalLM module
+    reward: Any  # RewardModel module
+    tokenizer: Any  # the policy's
+    reward_tokenizer: Any
+    policy_params: Any  # π0
+    reward_init_params: Any  # the RM's starting point (backbone + seeded score head, or a trained RM)
+    stop_ids: tuple[int, ...]  # the policy's stop ids (config, generation config and tokenizer)
+    pad_id: int  # the policy's
+    reward_pad_id: int
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self.stop_ids
+
+
+def describe_models(cfg: ConfigDict) -> dict[str, Any]:
+    """The policy's and the reward model's `sources.ModelSpec`: checkpoint configs with the run's model
+    settings on top, tokenizers and stop ids, read without loading any weights."""
+    from mtjax.models.config import ModelConfig
+    from mtjax.sources import ModelSource, describe
+
+    return {name: describe(settings.build(ModelSource, cfg[name]), settings.set_values(ModelConfig, cfg[name]), name)
+            for name in ("policy", "reward_model")}
+
+
+def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:
+    """π0 and the RM's starting point from described sources (`describe_models`), placed on `mesh` by the
+    partition rules (an HF checkpoint is streamed shard by shard: no host or device holds a whole model)."""
+    from mtjax.sharding import shard_params
+    from mtjax.sources import load
+
+    policy, policy_params = load(specs["policy"], "causal_lm", run_seed, mesh)
+    reward, reward_params = load(specs["reward_model"], "reward", run_seed, mesh)
+    if mesh is not None:
+        policy_params, reward_params = shard_params(policy_params, mesh), shard_params(reward_params, mesh)
+    p, r = specs["policy"], specs["reward_model"]
+    return Models(policy, reward, p.tokenizer, r.tokenizer, policy_params, reward_params, p.stop_ids, p.pad_id,
+                  r.pad_id)
