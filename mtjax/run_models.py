@@ -24,10 +24,6 @@ class Models:
     pad_id: int  # the policy's
     reward_pad_id: int
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
-        return self.stop_ids
-
 
 def describe_models(cfg: ConfigDict) -> dict[str, Any]:
     """The policy's and the reward model's `sources.ModelSpec`: checkpoint configs with the run's model
@@ -43,12 +39,12 @@ def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:
     """π0 and the RM's starting point from described sources (`describe_models`), placed on `mesh` by the
     partition rules (an HF checkpoint is streamed shard by shard: no host or device holds a whole model)."""
     from mtjax.sharding import shard_params
-    from mtjax.sources import load
+    from mtjax.sources import load, special_ids
 
     policy, policy_params = load(specs["policy"], "causal_lm", run_seed, mesh)
     reward, reward_params = load(specs["reward_model"], "reward", run_seed, mesh)
     if mesh is not None:
         policy_params, reward_params = shard_params(policy_params, mesh), shard_params(reward_params, mesh)
-    p, r = specs["policy"], specs["reward_model"]
-    return Models(policy, reward, p.tokenizer, r.tokenizer, policy_params, reward_params, p.stop_ids, p.pad_id,
-                  r.pad_id)
+    tokenizer, reward_tokenizer = specs["policy"].tokenizer, specs["reward_model"].tokenizer
+    (stop_ids, pad), (_, reward_pad) = special_ids(policy, tokenizer), special_ids(reward, reward_tokenizer)
+    return Models(policy, reward, tokenizer, reward_tokenizer, policy_params, reward_params, stop_ids, pad, reward_pad)

@@ -185,49 +185,49 @@ def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path 
     The headline number is the raw RM-judged win rate (ties half); the length-controlled one is stored
     too, but with a few prompts and ≤ max_new_tokens-token answers against long references it is an
     extrapolation of a 2-parameter fit far outside the data, not a measurement."""
+    import dataclasses
+
     from mtjax import data
-    from mtjax.em import Sample, response_text
+    from mtjax.em import response_text, sample_responses
     from mtjax.evaluate import reward_model_win_rate
-    from mtjax.sampling import generate
 
     start = time.perf_counter()
-    models, cfg = run.models, run.cfg
+    models = run.models
     policy, _ = run.params_at(t)
     _, r0 = run.params_at(0)
     instructions = [e.instruction for e in examples]
     references = [e.reference_output for e in examples]
     prompt_ids = [data.chat_prompt_ids(models.tokenizer, x) for x in instructions]
-    out = generate(models.policy, policy, prompt_ids, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0,
-                   num_samples=1, eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=0,
-                   batch_size=run.sampling.batch_size, max_batch_tokens=run.sampling.max_batch_tokens, mesh=run.mesh,
-                   progress=False)
-    samples = [Sample(tuple(int(x) for x in s[0].token_ids), s[0].finish_reason == "stop") for s in out]
+    greedy = dataclasses.replace(run.sampling, temperature=0.0)
+    samples = [s[0] for s in sample_responses(models, policy, prompt_ids, 1, greedy, seed=0, mesh=run.mesh,
+                                              progress=False)]
     responses = [response_text(models, s) for s in samples]
-    # Score the policy's sampled ids; references as text + EOS, cut to fit the RM's context if needed.
-    limit = models.reward.cfg.max_position_embeddings
-    known, cut = {}, 0
-    for x, p, s, text, ref in zip(instructions, prompt_ids, samples, responses, references, strict=True):
-        known[(x, text)] = (p, list(s.ids))
-        ref_ids = data.response_ids(models.tokenizer, ref, models.eos_ids[0])
-        if len(p) + len(ref_ids) > limit:
-            ref_ids, cut = ref_ids[: limit - len(p)], cut + 1
-        known[(x, ref)] = (p, ref_ids)
+    # The policy's responses are scored on their sampled ids; the references as text (`RewardScorer.score_texts`:
+    # text + stop id, cut to the RM's context, counted).
+    known = {(x, text): (p, list(s.ids))
+             for x, p, s, text in zip(instructions, prompt_ids, samples, responses, strict=True)}
 
     # r0 and the references are the same for every arm and iteration of a seed: their (long, slow to
     # score) rewards are computed once per seed and stored next to mutual's AlpacaEval results.
     stored = read_json(reference_cache) if reference_cache else None
-    ref_scores = dict(stored["scores"]) if stored and stored.get("settings") == dict(settings) else {}
+    cached = stored and stored.get("settings") == dict(settings)
+    ref_scores = dict(stored["scores"]) if cached else {}
+    cut = stored.get("references_cut_to_context", 0) if cached else 0
     ref_of = dict(zip(instructions, references, strict=True))
 
     def score_fn(prompts, texts):
+        nonlocal cut
         is_ref = all(ref_of.get(p) == r for p, r in zip(prompts, texts, strict=True))
         if is_ref and all(p in ref_scores for p in prompts):
             return np.asarray([ref_scores[p] for p in prompts], np.float64)
-        p_ids, r_ids = zip(*(known[(p, r)] for p, r in zip(prompts, texts, strict=True)), strict=True)
-        scores = run.scorer.score_ids(r0, list(prompts), p_ids, r_ids, progress=False)
-        if is_ref and reference_cache:
+        before = run.scorer.truncated
+        scores = run.scorer.score_texts(r0, list(prompts), list(texts), known, progress=False)
+        if is_ref:
+            cut += run.scorer.truncated - before
             ref_scores.update(zip(prompts, map(float, scores), strict=True))
-            write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items())})
+            if reference_cache:
+                write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items()),
+                                             "references_cut_to_context": cut})
         return scores
 
     try:
