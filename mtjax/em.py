@@ -181,7 +181,7 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
             if self.mt.gate_win_rate is None or self.gate(t, kept, rm):
                 policy, kept = new_policy, t
         self.rd.write_json(layout.SUMMARY_FILE, {"iterations": results, "wall_seconds": time.perf_counter() - start,
-                                            "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
+                                                 "phase_seconds": self.phase_seconds(), "policy_kept_from": kept})
         self.tracker.close()
         return results
 
