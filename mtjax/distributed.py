@@ -63,6 +63,13 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def primary_print(*args, **kwargs) -> None:
+    """`print` on process 0 only: the other processes of a multi-host run say nothing (their lines would
+    repeat process 0's)."""
+    if is_primary():
+        print(*args, **{"flush": True, **kwargs})
+
+
 def barrier(name: str) -> None:
     """Blocks until every process reaches the barrier of the same name."""
     if jax.process_count() > 1:

@@ -1,4 +1,4 @@
-"""The divergence guard of the training loop (`mtjax.em._run_steps`): a step that went wrong stops its phase
+"""The divergence guard of the training loop (`mtjax.training_loops._run_steps`): a step that went wrong stops its phase
 with one message before anything from it is saved, so a checkpoint never holds NaN or blown-up weights.
 
 A step went wrong when

@@ -484,15 +484,6 @@ def _load_mtjax_model(model: str, head: str, dtype: str, seed: int = 0):
     return module, params, spec.tokenizer
 
 
-def _special_ids(module: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
-    """(stop ids, pad id) of a loaded model: its config's stop ids (`mtjax.sources` puts every stop id of the
-    checkpoint there), else the tokenizer's EOS."""
-    from mtjax.sources import pad_id
-
-    eos_ids = tuple(module.cfg.eos_token_ids) or (tokenizer.eos_token_id,)
-    return eos_ids, pad_id(tokenizer, eos_ids)
-
-
 def generate_fn_from_model(
     lm: Any,
     params: Any,
@@ -512,8 +503,9 @@ def generate_fn_from_model(
     """
     from mtjax.data import chat_prompt_ids
     from mtjax.sampling import decode, generate
+    from mtjax.sources import special_ids
 
-    eos_ids, pad_id = _special_ids(lm, tokenizer)
+    eos_ids, pad_id = special_ids(lm, tokenizer)
 
     def generate_texts(prompts: list[str]) -> list[str]:
         prompt_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
@@ -541,8 +533,9 @@ def score_fn_from_model(rm: Any, params: Any, tokenizer: Any, batch_size: int = 
     (text then EOS), the reward read at the last non-pad token."""
     from mtjax.data import chat_prompt_ids, response_ids
     from mtjax.sampling import score
+    from mtjax.sources import special_ids
 
-    eos_ids, pad_id = _special_ids(rm, tokenizer)
+    eos_ids, pad_id = special_ids(rm, tokenizer)
 
     def score_texts(prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         p_ids = [chat_prompt_ids(tokenizer, p) for p in prompts]

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from mtjax import layout
+
 BENCHMARKS = ("testbed", "alpaca_eval", "arena_hard", "rewardbench")
 GENERATION_BENCHMARKS = ("alpaca_eval", "arena_hard")
 
@@ -225,8 +227,9 @@ def _answers(run: Any, t: int, phase: str, name: str, policy_params: Any) -> lis
     split = benchmark_split(name)
     budget = cfg.answer_max_new_tokens or run.sampling.max_new_tokens
     sampling = dataclasses.replace(run.sampling, temperature=cfg.answer_temperature, max_new_tokens=budget)
-    run.samples(phase, f"{name}_answers", policy_params, split, 1, sampling=sampling)
-    return [group[0] for group in run.sample_rows(f"{phase}/{name}_answers.jsonl", split)]
+    answers = layout.benchmark_answers(name)
+    run.samples(phase, answers, policy_params, split, 1, sampling=sampling)
+    return [group[0] for group in run.sample_rows(layout.samples_file(phase, answers), split)]
 
 
 def _generator_name(run: Any, t: int) -> str:
@@ -237,11 +240,11 @@ def _alpaca_eval(run: Any, t: int, answers: Sequence[Mapping[str, Any]], judge_p
     from mtjax.evaluate import alpaca_eval_outputs, reward_model_win_rate
     from mtjax.testbed.benchmarks import AlpacaEvalExample
 
-    records = {r["prompt_id"]: r for r in run.rd.read_jsonl("benchmarks/alpaca_eval.jsonl")}
+    records = {r["prompt_id"]: r for r in run.rd.read_jsonl(layout.benchmark_records("alpaca_eval"))}
     examples = [AlpacaEvalExample(**{k: v for k, v in records[a["prompt_id"]].items() if k != "prompt_id"})
                 for a in answers]
     outputs = [a["text"] for a in answers]
-    run.rd.write_json(f"eval/iter_{t}/alpaca_eval_outputs.json",
+    run.rd.write_json(layout.benchmark_output(t, layout.ALPACA_EVAL_OUTPUTS),
                       alpaca_eval_outputs(examples, outputs, _generator_name(run, t)))
     split = benchmark_split("alpaca_eval")
     known = run.ids_by_text(split, [[a] for a in answers])
@@ -262,7 +265,7 @@ def _arena_hard(run: Any, t: int, answers: Sequence[Mapping[str, Any]]) -> dict[
     import hashlib
     import time
 
-    questions = {q["uid"]: ArenaHardQuestion(**q) for q in run.rd.read_jsonl("benchmarks/arena_hard.jsonl")}
+    questions = {q["uid"]: ArenaHardQuestion(**q) for q in run.rd.read_jsonl(layout.benchmark_records("arena_hard"))}
     model = _generator_name(run, t)
     rows = []
     for a in answers:
@@ -270,7 +273,7 @@ def _arena_hard(run: Any, t: int, answers: Sequence[Mapping[str, Any]]) -> dict[
         answer_id = hashlib.sha256(f"{model}|{question.uid}".encode()).hexdigest()[:22]
         tokens = len(a["response_ids"]) - int(a["stopped"])  # the stop token is not part of the answer
         rows.append(arena_hard_answer(question, a["text"], model, tokens, answer_id, time.time()))
-    run.rd.write_jsonl(f"eval/iter_{t}/arena_hard_answers.jsonl", rows)
+    run.rd.write_jsonl(layout.benchmark_output(t, layout.ARENA_HARD_ANSWERS), rows)
     lengths = [r["metadata"]["token_len"] for r in rows]
     return {"answers": len(rows), "truncated_fraction": _truncated(answers),
             "length_mean_tokens": float(np.mean(lengths)) if lengths else float("nan")}
@@ -280,9 +283,9 @@ def _rewardbench(run: Any, t: int, rm_params: Any) -> dict[str, Any]:
     from mtjax.evaluate import pairwise_accuracy
     from mtjax.testbed.benchmarks import PreferenceExample
 
-    pairs = [PreferenceExample(**row) for row in run.rd.read_jsonl("benchmarks/rewardbench.jsonl")]
+    pairs = [PreferenceExample(**row) for row in run.rd.read_jsonl(layout.benchmark_records("rewardbench"))]
     result = pairwise_accuracy(run.scorer.text_score_fn(rm_params), pairs, progress=False)
-    run.rd.write_json(f"eval/iter_{t}/rewardbench.json", result)
+    run.rd.write_json(layout.benchmark_output(t, layout.REWARDBENCH_RESULT), result)
     return {"accuracy": result["accuracy"], "pairs": result["num_pairs"], "ties": result["num_ties"],
             **({"score": result["score"], **result["sections"]} if "sections" in result else {})}
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 MAX_SCORE = 5
 
@@ -53,6 +53,13 @@ outlined criteria."""
 
 # "Score: 4", "**Score:** 4", "score = 3.5", "Score: 4/5", "Score: <4>"; the last one in the text counts.
 _SCORE = re.compile(r"score\W{0,4}?[:=]\W{0,4}?(\d+(?:\.\d+)?)(?:\s*(?:/|out of)\s*5)?", re.IGNORECASE)
+
+
+def rubric_prompt_text(prompt: str | Sequence[Mapping[str, str]]) -> str:
+    """A prompt as one string for the rubric: chat turns as "Role: content" lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{turn['role'].capitalize()}: {turn['content']}" for turn in prompt)
 
 
 def judge_prompt(prompt: str, response: str) -> str:

@@ -54,6 +54,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtjax import layout
+
 # Keys that place a row (iteration, phase, step) rather than measure anything.
 METADATA_KEYS = frozenset({"iteration", "phase", "time", "step", "epoch", "global_step"})
 # Plot groups: (file stem, title, regex on metric names). A metric goes to the first group it matches.
@@ -61,12 +63,12 @@ METRIC_GROUPS: tuple[tuple[str, str, str], ...] = (
     (
         "policy_quality",
         "Policy: gold reward and instruction following",
-        r"^policy/(gold_reward|ifeval|ifbench|heldout)",
+        rf"^{layout.POLICY_METRICS}/(gold_reward|ifeval|ifbench|heldout)",
     ),
     ("win_rates", "Policy: RM-judged win rates vs AlpacaEval-2 references (%)", r"win_rate"),
-    ("reward_model", "Reward model accuracy", r"^rm/"),
+    ("reward_model", "Reward model accuracy", rf"^{layout.RM_METRICS}/"),
     ("lengths", "Response length", r"length"),
-    ("pair_counts", "Pair counts", r"^pairs/"),
+    ("pair_counts", "Pair counts", rf"^{layout.PAIR_METRICS}/"),
 )
 OTHER_GROUP = ("other", "Other metrics")
 
@@ -93,7 +95,7 @@ def record_metrics(
     if phase is not None:
         line["phase"] = phase
     line.update(flatten_metrics(metrics))
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / layout.METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(line) + "\n")
@@ -112,7 +114,7 @@ def load_run_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
     table: dict[int, dict[str, float]] = {}
-    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file = run_dir / layout.METRICS_FILE
     if metrics_file.is_file():
         with open(metrics_file, encoding="utf-8") as f:
             for line_number, line in enumerate(f, start=1):
@@ -130,7 +132,7 @@ def load_run_metrics(run_dir: str | Path) -> dict[int, dict[str, float]]:
                     continue
                 values = {k: v for k, v in record.items() if k not in METADATA_KEYS}
                 table.setdefault(iteration, {}).update(flatten_metrics(values))
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    for path in sorted((run_dir / layout.EVAL_FOLDER).glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
@@ -210,7 +212,7 @@ def plot_groups(table: Mapping[int, Mapping[str, float]], out_dir: Path) -> list
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Write ``report.md``, ``metrics.csv`` and the PNGs; return their paths and the table."""
     table = load_run_metrics(run_dir)
-    out = Path(out_dir) if out_dir else Path(run_dir) / "report"
+    out = Path(out_dir) if out_dir else Path(run_dir) / layout.REPORT_FOLDER
     out.mkdir(parents=True, exist_ok=True)
     markdown = markdown_table(table)
     pngs = plot_groups(table, out)

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mtjax import layout
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: runs/<preset>).")
 _OVERRIDE = flags.DEFINE_bool("override_config", False, "Resume a workdir even if its config differs.")
@@ -45,9 +47,8 @@ SUMMARY_METRICS = (
     "rm/accuracy_base_policy",
     "rm/r0_accuracy_current_policy",
     "rm/pairs_current_policy",
-    "pairs/policy",
-    "pairs/rm_contrastive",
-    "pairs/rm_self_training",
+    *(layout.metric_name(layout.PAIR_METRICS, name)
+      for name in (layout.PAIR_POLICY, layout.PAIR_RM_CONTRASTIVE, layout.PAIR_RM_SELF_TRAINING)),
     # the paper's benchmarks (eval.benchmarks): proxies judged offline by r0, RewardBench by r_t
     "alpaca_eval/proxy_win_rate",
     "alpaca_eval/proxy_lc_win_rate",
@@ -81,7 +82,7 @@ def main(argv: list[str]) -> None:
     if _CACHE.value:
         enable_compilation_cache(_CACHE.value)
     with distributed.fail_fast():
-        run_loop(cfg, _WORKDIR.value or default_workdir(cfg), say=print if distributed.is_primary() else _quiet)
+        run_loop(cfg, _WORKDIR.value or default_workdir(cfg), say=distributed.primary_print)
 
 
 def _stop(message: str, code: int = 1) -> None:
@@ -99,10 +100,6 @@ def enable_compilation_cache(folder: str) -> None:
 
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
-def _quiet(*args, **kwargs) -> None:
-    del args, kwargs
 
 
 def default_workdir(cfg) -> str:
@@ -148,7 +145,7 @@ def _run(cfg, workdir: str, say: Callable[..., None]) -> None:
         run = MutualTaught(cfg, workdir, allow_config_change=_OVERRIDE.value)
     except ValueError as e:
         _stop(f"mtjax: {e}")
-    done = [p for p in run.rd.completed() if p != "prompts"]
+    done = [p for p in run.rd.completed() if p != layout.PROMPTS]
     if done:
         say(f"mtjax: resuming; finished phases: {', '.join(done)}")
     run.run()

@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from mtjax.distributed import barrier, is_primary
+from mtjax.layout import CONFIG_FILE, METRICS_FILE, PHASES_FILE  # the run's record (names in mtjax.layout)
 
 FORMAT = 2
-PHASES_FILE, CONFIG_FILE, METRICS_FILE = "phases.json", "config.json", "metrics.jsonl"
 # Phase states: running (in flight; its artifacts so far are recorded), done, redo (was done; an artifact is
 # damaged), stale (was done; waits for a redone phase it depends on).
 RUNNING, DONE, REDO, STALE = "running", "done", "redo", "stale"

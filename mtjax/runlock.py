@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from mtjax.layout import LOCK_FILE
 
 
 class RunDirLocked(RuntimeError):

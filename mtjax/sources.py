@@ -172,6 +172,13 @@ def pad_id(tokenizer: Any, stop_ids: Sequence[int]) -> int:
     return int(pad) if pad is not None else int(stop_ids[0])
 
 
+def special_ids(model: Any, tokenizer: Any) -> tuple[tuple[int, ...], int]:
+    """(stop ids, pad id) of a loaded model (a `CausalLM` or `RewardModel`): its config's stop ids (`describe`
+    puts every stop id of the checkpoint there), else the tokenizer's EOS; the pad id by `pad_id`."""
+    stop_ids = tuple(int(i) for i in model.cfg.eos_token_ids) or (int(tokenizer.eos_token_id),)
+    return stop_ids, pad_id(tokenizer, stop_ids)
+
+
 def describe(src: ModelSource, overrides: dict[str, Any], setting: str) -> ModelSpec:
     """Resolves `src`'s small files and builds the model config it will run with (`overrides` are the
     section's model settings: execution ones such as dtype, or architecture ones for `tiny`)."""

@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from mtjax import layout
+
 TASKS = ("testbed", "synthetic")
 HELDOUT = "heldout_eval"
 
@@ -103,15 +105,15 @@ class TestbedTask:
         split = HELDOUT
         ev = run.eval_cfg
         sampling = dataclasses.replace(run.sampling, temperature=ev.temperature)
-        samples, _ = run.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
+        samples, _ = run.samples(phase, layout.SAMPLES, policy_params, split, ev.num_samples, sampling=sampling)
         prompts = instruction_prompts_from_rows(list(run.splits[split]), where=f"prompt split {split}")
-        rows = run.sample_rows(f"{phase}/samples.jsonl", split)
+        rows = run.sample_rows(layout.samples_file(phase, layout.SAMPLES), split)
         texts = [[r["text"] for r in group] for group in rows]
         flat_prompts = [p for p, s in zip(prompts, texts, strict=True) for _ in s]
         policy = evaluate_instruction_following(flat_prompts, responses=[x for s in texts for x in s],
                                                 progress=False)
         policy.update(_token_lengths(samples))
-        base_rows = run.sample_rows("iter_0/eval/samples.jsonl", split)
+        base_rows = run.sample_rows(layout.samples_file(layout.eval_phase(0), layout.SAMPLES), split)
         base_texts = [[r["text"] for r in group] for group in base_rows]
         # Score the sampled token ids themselves (a decode/re-encode round trip would, e.g., append
         # an EOS to truncated responses: not what the RM saw in training).
@@ -119,15 +121,15 @@ class TestbedTask:
         rm_current = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, texts, progress=is_primary())
         rm_base = _safe_accuracy(gold_pairwise_accuracy, score_fn, prompts, base_texts, progress=is_primary())
         metrics = {
-            "policy": {"gold_reward": policy["gold_reward_strict"],
-                       "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
-                       **{k: policy[k] for k in _LENGTH_KEYS}},
-            "rm": {"accuracy_current_policy": rm_current.get("accuracy", float("nan")),
-                   "accuracy_base_policy": rm_base.get("accuracy", float("nan")),
-                   "pairs_current_policy": rm_current.get("num_pairs", 0),
-                   "pairs_base_policy": rm_base.get("num_pairs", 0)},
+            layout.POLICY_METRICS: {"gold_reward": policy["gold_reward_strict"],
+                                    "heldout": {k: policy[k] for k in _HELDOUT_KEYS},
+                                    **{k: policy[k] for k in _LENGTH_KEYS}},
+            layout.RM_METRICS: {"accuracy_current_policy": rm_current.get("accuracy", float("nan")),
+                                "accuracy_base_policy": rm_base.get("accuracy", float("nan")),
+                                "pairs_current_policy": rm_current.get("num_pairs", 0),
+                                "pairs_base_policy": rm_base.get("num_pairs", 0)},
         }
-        flat = {**_prefixed("policy", policy), **_prefixed("rm_acc_current_policy", rm_current),
+        flat = {**_prefixed(layout.POLICY_METRICS, policy), **_prefixed("rm_acc_current_policy", rm_current),
                 **_prefixed("rm_acc_base_policy", rm_base)}
         return metrics, flat
 
@@ -223,10 +225,10 @@ class SyntheticTask:
         split = HELDOUT
         ev = run.eval_cfg
         sampling = dataclasses.replace(run.sampling, temperature=ev.temperature)
-        samples, _ = run.samples(phase, "samples", policy_params, split, ev.num_samples, sampling=sampling)
+        samples, _ = run.samples(phase, layout.SAMPLES, policy_params, split, ev.num_samples, sampling=sampling)
         prompt_rows = list(run.splits[split])
-        current = run.sample_rows(f"{phase}/samples.jsonl", split)
-        base = run.sample_rows("iter_0/eval/samples.jsonl", split)
+        current = run.sample_rows(layout.samples_file(phase, layout.SAMPLES), split)
+        base = run.sample_rows(layout.samples_file(layout.eval_phase(0), layout.SAMPLES), split)
         texts = [[r["text"] for r in group] for group in current]
         gold = self.gold_rewards(prompt_rows, texts)
         policy = {**gold_summary(gold), **self.response_features(prompt_rows, texts), **_token_lengths(samples)}
@@ -241,8 +243,8 @@ class SyntheticTask:
             if name != "r0_accuracy_current_policy":
                 rm[f"pairs_{name.removeprefix('accuracy_')}"] = accuracy["pairs"]
                 rm[f"tied_{name.removeprefix('accuracy_')}"] = accuracy["tied"]
-        flat = {**_prefixed("policy", policy), **_prefixed("rm", rm)}
-        return {"policy": policy, "rm": rm}, flat
+        flat = {**_prefixed(layout.POLICY_METRICS, policy), **_prefixed(layout.RM_METRICS, rm)}
+        return {layout.POLICY_METRICS: policy, layout.RM_METRICS: rm}, flat
 
     @staticmethod
     def response_features(rows: Sequence[Mapping[str, Any]], texts: Sequence[Sequence[str]]) -> dict[str, float]:

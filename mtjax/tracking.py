@@ -45,11 +45,9 @@ from typing import Any
 import numpy as np
 
 from mtjax.distributed import is_primary
+from mtjax.layout import TENSORBOARD_FOLDER, WANDB_RUN_FILE
 from mtjax.report import METADATA_KEYS, flatten_metrics
 from mtjax.rundir import RunDir
-
-TENSORBOARD_FOLDER = "tensorboard"
-WANDB_RUN_FILE = "wandb_run.json"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from mtjax import layout
 from mtjax.arms import ARMS, apply_arm, arm_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,12 +165,17 @@ def alpaca_settings(cfg, num_prompts: int, data: str) -> dict:
             "temperature": 0.0, "judge": "base_rm", "seed": int(cfg.seed)}
 
 
+def run_dir(workdir: str | Path, seed: int, arm: str) -> Path:
+    """The run directory of one arm and seed of the study in `workdir`."""
+    return Path(workdir) / layout.study_run(seed, arm)
+
+
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def alpaca_done(arm_dir: Path, t: int, settings: Mapping) -> bool:
-    stored = read_json(arm_dir / "alpaca_eval" / f"iter_{t}.json")
+    stored = read_json(arm_dir / layout.replicate_alpaca_eval(t))
     return bool(stored) and stored.get("settings") == dict(settings)
 
 
@@ -179,49 +185,49 @@ def alpaca_eval(run, t: int, examples, settings: Mapping, reference_cache: Path 
     The headline number is the raw RM-judged win rate (ties half); the length-controlled one is stored
     too, but with a few prompts and ≤ max_new_tokens-token answers against long references it is an
     extrapolation of a 2-parameter fit far outside the data, not a measurement."""
+    import dataclasses
+
     from mtjax import data
-    from mtjax.em import Sample, response_text
+    from mtjax.em import response_text, sample_responses
     from mtjax.evaluate import reward_model_win_rate
-    from mtjax.sampling import generate
 
     start = time.perf_counter()
-    models, cfg = run.models, run.cfg
+    models = run.models
     policy, _ = run.params_at(t)
     _, r0 = run.params_at(0)
     instructions = [e.instruction for e in examples]
     references = [e.reference_output for e in examples]
     prompt_ids = [data.chat_prompt_ids(models.tokenizer, x) for x in instructions]
-    out = generate(models.policy, policy, prompt_ids, max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0,
-                   num_samples=1, eos_token_ids=models.eos_ids, pad_token_id=models.pad_id, seed=0,
-                   batch_size=run.sampling.batch_size, max_batch_tokens=run.sampling.max_batch_tokens, mesh=run.mesh,
-                   progress=False)
-    samples = [Sample(tuple(int(x) for x in s[0].token_ids), s[0].finish_reason == "stop") for s in out]
+    greedy = dataclasses.replace(run.sampling, temperature=0.0)
+    samples = [s[0] for s in sample_responses(models, policy, prompt_ids, 1, greedy, seed=0, mesh=run.mesh,
+                                              progress=False)]
     responses = [response_text(models, s) for s in samples]
-    # Score the policy's sampled ids; references as text + EOS, cut to fit the RM's context if needed.
-    limit = models.reward.cfg.max_position_embeddings
-    known, cut = {}, 0
-    for x, p, s, text, ref in zip(instructions, prompt_ids, samples, responses, references, strict=True):
-        known[(x, text)] = (p, list(s.ids))
-        ref_ids = data.response_ids(models.tokenizer, ref, models.eos_ids[0])
-        if len(p) + len(ref_ids) > limit:
-            ref_ids, cut = ref_ids[: limit - len(p)], cut + 1
-        known[(x, ref)] = (p, ref_ids)
+    # The policy's responses are scored on their sampled ids; the references as text (`RewardScorer.score_texts`:
+    # text + stop id, cut to the RM's context, counted).
+    known = {(x, text): (p, list(s.ids))
+             for x, p, s, text in zip(instructions, prompt_ids, samples, responses, strict=True)}
 
     # r0 and the references are the same for every arm and iteration of a seed: their (long, slow to
     # score) rewards are computed once per seed and stored next to mutual's AlpacaEval results.
     stored = read_json(reference_cache) if reference_cache else None
-    ref_scores = dict(stored["scores"]) if stored and stored.get("settings") == dict(settings) else {}
+    cached = stored and stored.get("settings") == dict(settings)
+    ref_scores = dict(stored["scores"]) if cached else {}
+    cut = stored.get("references_cut_to_context", 0) if cached else 0
     ref_of = dict(zip(instructions, references, strict=True))
 
     def score_fn(prompts, texts):
+        nonlocal cut
         is_ref = all(ref_of.get(p) == r for p, r in zip(prompts, texts, strict=True))
         if is_ref and all(p in ref_scores for p in prompts):
             return np.asarray([ref_scores[p] for p in prompts], np.float64)
-        p_ids, r_ids = zip(*(known[(p, r)] for p, r in zip(prompts, texts, strict=True)), strict=True)
-        scores = run.scorer.score_ids(r0, list(prompts), p_ids, r_ids, progress=False)
-        if is_ref and reference_cache:
+        before = run.scorer.truncated
+        scores = run.scorer.score_texts(r0, list(prompts), list(texts), known, progress=False)
+        if is_ref:
+            cut += run.scorer.truncated - before
             ref_scores.update(zip(prompts, map(float, scores), strict=True))
-            write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items())})
+            if reference_cache:
+                write_json(reference_cache, {"settings": dict(settings), "scores": sorted(ref_scores.items()),
+                                             "references_cut_to_context": cut})
         return scores
 
     try:
@@ -285,36 +291,35 @@ def run_arm(args, arm: str, seed: int, examples) -> dict:
     from mtjax.settings import validate_config
 
     cfg = arm_config(args.preset, args.override, arm, seed)
-    seed_dir = Path(args.workdir) / f"seed_{seed}"
-    arm_dir = seed_dir / arm
+    arm_dir, mutual_dir = run_dir(args.workdir, seed, arm), run_dir(args.workdir, seed, "mutual")
     iterations = arm_iterations(cfg)
     settings = alpaca_settings(cfg, args.alpaca_prompts, args.alpaca_data)
     want_alpaca = [t for t in iterations if args.alpaca_prompts > 0 and not alpaca_done(arm_dir, t, settings)]
-    finished = (arm_dir / "summary.json").is_file()
+    finished = (arm_dir / layout.SUMMARY_FILE).is_file()
     if finished:
         check_config(arm_dir, cfg)
     if arm != "mutual" and 0 in want_alpaca:  # π0 greedy and r0 are the same for every arm of a seed
-        stored = read_json(seed_dir / "mutual" / "alpaca_eval" / "iter_0.json")
+        stored = read_json(mutual_dir / layout.replicate_alpaca_eval(0))
         if stored and stored.get("settings") == settings:
-            write_json(arm_dir / "alpaca_eval" / "iter_0.json", stored)
+            write_json(arm_dir / layout.replicate_alpaca_eval(0), stored)
             want_alpaca.remove(0)
     if finished and not want_alpaca:
         return {"status": "done", "seconds": 0.0}
     start, cpu = time.perf_counter(), time.process_time()
     if arm != "mutual":
         validate_config(cfg)
-        em.share_base_phases(str(seed_dir / "mutual"), cfg, str(arm_dir))
+        em.share_base_phases(str(mutual_dir), cfg, str(arm_dir))
     elif seed != args.seeds_list[0] and not finished:  # the first seed's prompts and π0 (sft has its own seed)
-        first = Path(args.workdir) / f"seed_{args.seeds_list[0]}" / "mutual"
-        if (first / "summary.json").is_file():
+        first = run_dir(args.workdir, args.seeds_list[0], "mutual")
+        if (first / layout.SUMMARY_FILE).is_file():
             validate_config(cfg)
             em.share_phases(str(first), cfg, str(arm_dir))
     run = em.MutualTaught(cfg, str(arm_dir))
     if not finished:
         run.run()
     for t in want_alpaca:
-        cache = seed_dir / "mutual" / "alpaca_eval" / "reference_scores.json"
-        write_json(arm_dir / "alpaca_eval" / f"iter_{t}.json", alpaca_eval(run, t, examples, settings, cache))
+        cache = mutual_dir / layout.REPLICATE_REFERENCE_SCORES
+        write_json(arm_dir / layout.replicate_alpaca_eval(t), alpaca_eval(run, t, examples, settings, cache))
     del run
     seconds = time.perf_counter() - start
     add_arm_seconds(arm_dir, seconds, time.process_time() - cpu)
@@ -333,12 +338,12 @@ def _flatten(d: Mapping, prefix: str = "") -> dict[str, float]:
 def read_arm(arm_dir: Path, metrics: Sequence[tuple[str, str, str, str]] = METRICS) -> dict[int, dict[str, float]]:
     """iteration -> metric -> value for one run directory (eval/iter_t.json, alpaca_eval/iter_t.json)."""
     out: dict[int, dict[str, float]] = {}
-    for path in sorted((arm_dir / "eval").glob("iter_*.json")):
+    for path in sorted(arm_dir.glob(layout.eval_metrics("*"))):
         record = read_json(path)
         t = int(record["iteration"])
         flat = _flatten(record["metrics"])
         out[t] = {key: flat.get(name, math.nan) for key, _, where, name in metrics if where == "eval"}
-    for path in sorted((arm_dir / "alpaca_eval").glob("iter_*.json")):
+    for path in sorted(arm_dir.glob(layout.replicate_alpaca_eval("*"))):
         record = read_json(path)
         t = int(record["iteration"])
         if t in out:
@@ -349,7 +354,7 @@ def read_arm(arm_dir: Path, metrics: Sequence[tuple[str, str, str, str]] = METRI
     return out
 
 
-SECONDS_FILE = "replicate_seconds.json"  # per arm directory: what running it took (summed over resumes)
+SECONDS_FILE = layout.REPLICATE_SECONDS_FILE  # per arm directory: what running it took (summed over resumes)
 
 
 def arm_seconds(arm_dir: Path) -> dict[str, float] | None:
@@ -422,7 +427,7 @@ def paired_p_value(mean: float, se: float, n: int) -> float:
 def _policy_pairs(arm_dir: Path, t: int) -> dict[tuple, tuple] | None:
     from mtjax.rundir import read_jsonl
 
-    path = arm_dir / f"iter_{t}" / "e_step" / "pairs.jsonl"
+    path = arm_dir / layout.pairs_file(layout.e_step(t))
     if not path.is_file():
         return None
     rows = read_jsonl(path)
@@ -442,8 +447,8 @@ def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], ite
                 continue
             fractions = []
             for seed in seeds:
-                ours = _policy_pairs(workdir / f"seed_{seed}" / "mutual", t)
-                theirs = _policy_pairs(workdir / f"seed_{seed}" / arm, t)
+                ours = _policy_pairs(run_dir(workdir, seed, "mutual"), t)
+                theirs = _policy_pairs(run_dir(workdir, seed, arm), t)
                 if ours and theirs is not None:
                     fractions.append(float(np.mean([theirs.get(k) == v for k, v in ours.items()])))
             if fractions:
@@ -451,9 +456,10 @@ def pair_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int], ite
     return out
 
 
-# The pairs files a run stores (phase folder, file stem) and how the tables name them.
-PAIR_FILES = {("e_step", "pairs"): "E-step (policy)", ("m_step", "self_pairs"): "M-step self-training",
-              ("m_step", "contrastive_pairs"): "M-step contrastive"}
+# The pairs files a run stores (the phase's step, the pairs' kind: `layout.pairs_file`) and how the tables
+# name them.
+PAIR_FILES = {(layout.E_STEP, None): "E-step (policy)", (layout.M_STEP, layout.SELF_PAIRS): "M-step self-training",
+              (layout.M_STEP, layout.CONTRASTIVE_PAIRS): "M-step contrastive"}
 
 
 def pair_gold_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int]) -> dict:
@@ -468,20 +474,20 @@ def pair_gold_agreement(workdir: Path, arms: Sequence[str], seeds: Sequence[int]
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     for arm in arms:
         for seed in seeds:
-            arm_dir = workdir / f"seed_{seed}" / arm
-            config = read_json(arm_dir / "config.json")
+            arm_dir = run_dir(workdir, seed, arm)
+            config = read_json(arm_dir / layout.CONFIG_FILE)
             if config is None:
                 continue
             task = SyntheticTask(settings.build(synthetic.TaskConfig, config["task"]))
-            for (folder, stem), kind in PAIR_FILES.items():
-                for path in sorted(arm_dir.glob(f"iter_*/{folder}/{stem}.jsonl")):
+            for (step, pairs_kind), kind in PAIR_FILES.items():
+                for path in sorted(arm_dir.glob(layout.pairs_file(layout.iteration_phase("*", step), pairs_kind))):
                     rows = read_jsonl(path)
                     texts = [[tokenizer.decode(r[k], skip_special_tokens=True) for k in ("chosen_ids", "rejected_ids")]
                              for r in rows]
                     prompts = [{"prompt": tokenizer.decode(r["prompt_ids"], skip_special_tokens=True)} for r in rows]
                     right = [a > b for a, b in task.gold_rewards(prompts, texts) if a != b]
                     if right:
-                        t = path.parts[-3].removeprefix("iter_")
+                        t = str(layout.iteration_and_kind("/".join(path.relative_to(arm_dir).parts[:2]))[0])
                         out.setdefault(arm, {}).setdefault(kind, {}).setdefault(t, []).append(float(np.mean(right)))
     return {arm: {kind: {t: {**_stats(v), "values": v} for t, v in sorted(by_t.items())}
                   for kind, by_t in by_kind.items()} for arm, by_kind in out.items()}
@@ -494,8 +500,8 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: st
     seconds: dict[str, dict[int, dict[str, float]]] = {}
     for arm in arms:
         for seed in seeds:
-            arm_dir = workdir / f"seed_{seed}" / arm
-            if (arm_dir / "eval").is_dir():
+            arm_dir = run_dir(workdir, seed, arm)
+            if (arm_dir / layout.EVAL_FOLDER).is_dir():
                 per_seed.setdefault(arm, {})[seed] = read_arm(arm_dir, metrics)
             s = arm_seconds(arm_dir)
             if s is not None:
@@ -519,7 +525,7 @@ def aggregate(workdir: Path, arms: Sequence[str], seeds: Sequence[int], task: st
         # The arm's last iteration, per seed, only from seeds whose arm finished (summary.json).
         last = {}
         for s, runs in per_seed.get(arm, {}).items():
-            done = (workdir / f"seed_{s}" / arm / "summary.json").is_file()
+            done = (run_dir(workdir, s, arm) / layout.SUMMARY_FILE).is_file()
             if done and runs:
                 last[s] = runs[max(runs)].get(key, math.nan)
         return last
@@ -830,8 +836,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             except Exception as e:  # one failed arm should not lose the rest of a long run
                 traceback.print_exc()
                 failures.append(f"seed {seed} {arm}: {type(e).__name__}: {e}")
-                mutual_dir = Path(args.workdir) / f"seed_{seed}" / "mutual"
-                if arm == "mutual" and not (mutual_dir / "summary.json").is_file():
+                mutual_dir = run_dir(args.workdir, seed, "mutual")
+                if arm == "mutual" and not (mutual_dir / layout.SUMMARY_FILE).is_file():
                     failed_mutual.add(seed)  # (a failed AlpacaEval alone does not block the other arms)
                 print(f"replicate: seed {seed} {arm}: FAILED ({e})", flush=True)
                 continue

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from mtjax import arms, data, em, settings
+from mtjax import arms, data, em, em_phases, settings
 from mtjax.em import MutualTaught, Sample
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "configs"))
@@ -169,7 +169,7 @@ def test_an_interrupted_ser_round_resumes_after_the_last_finished_round(sppo_ser
             raise KeyboardInterrupt
         return train(*args, **kwargs)
 
-    monkeypatch.setattr(em, "train_reward_model", stop_in_round_2)
+    monkeypatch.setattr(em_phases, "train_reward_model", stop_in_round_2)
     with pytest.raises(KeyboardInterrupt):
         MutualTaught(cfg, str(tmp_path)).run()
     assert calls["rm"] == 2

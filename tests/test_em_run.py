@@ -11,7 +11,7 @@ import pytest
 import tracking_files
 from conftest import tiny_config
 
-from mtjax import em
+from mtjax import em, stored_samples
 from mtjax.em import MutualTaught
 
 PHASES = ["prompts", "base_rm", "iter_0/eval", "iter_1/e_step", "iter_1/m_step", "iter_1/eval",
@@ -213,13 +213,13 @@ def test_an_interrupted_sampling_pass_resumes_with_the_next_piece(tmp_path, monk
         return run.samples("iter_1/e_step", "samples", policy, "policy_1", 3, rm_params=rm)
 
     with monkeypatch.context() as m:
-        m.setattr(em, "sample_responses", recorded(interrupt_at=2))
+        m.setattr(stored_samples, "sample_responses", recorded(interrupt_at=2))
         with pytest.raises(KeyboardInterrupt):
             sample_pass()
     assert len(run.rd.read_jsonl("iter_1/e_step/samples.partial.jsonl")) == 2 * 3  # the first piece's rows
     pieces.clear()
     with monkeypatch.context() as m:
-        m.setattr(em, "sample_responses", recorded(interrupt_at=None))
+        m.setattr(stored_samples, "sample_responses", recorded(interrupt_at=None))
         resumed = sample_pass()
     assert pieces == [2, 4]
     assert not run.rd.file("iter_1/e_step/samples.partial.jsonl").exists()

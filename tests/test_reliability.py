@@ -18,7 +18,7 @@ import pytest
 from conftest import tiny_config
 from test_em_run import PHASES, assert_trees_equal, without_timings
 
-from mtjax import em, train
+from mtjax import em, stored_samples, train
 from mtjax.divergence import DivergenceError
 from mtjax.em import MutualTaught
 from mtjax.rundir import RunDir, RunDirError
@@ -222,7 +222,7 @@ def test_a_partial_samples_file_keeps_whole_prompts_only(reference, tmp_path, mo
         return real(*args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(em, "sample_responses", interrupted_at_second_piece)
+        m.setattr(stored_samples, "sample_responses", interrupted_at_second_piece)
         with pytest.raises(KeyboardInterrupt):
             run.samples("iter_1/e_step", "samples", policy, "policy_1", 3, rm_params=rm)
     partial = run.rd.file("iter_1/e_step/samples.partial.jsonl")
