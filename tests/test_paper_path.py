@@ -61,9 +61,9 @@ def paper_run(tmp_path_factory, xla_cache):
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     workdir = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:paper", f"--workdir={workdir}",
-                           f"--compilation_cache={xla_cache}", *SIZES], capture_output=True, text=True, cwd=ROOT, env=env,
-                          timeout=1500)
+    command = [sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:paper", f"--workdir={workdir}",
+               f"--compilation_cache={xla_cache}", *SIZES]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return workdir, proc.stdout, env, root
 
