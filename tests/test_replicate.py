@@ -93,12 +93,14 @@ def test_replicate_tiny_two_arms(replicate, tmp_path, monkeypatch, xla_cache):
 
 
 def test_overrides_and_bad_arguments(replicate):
-    cfg = replicate.arm_config("tiny", ["sampling.max_new_tokens=10", "mt.contrastive_filter=true"], "frozen", 3)
-    assert cfg.sampling.max_new_tokens == 10 and cfg.mt.contrastive_filter is True
+    cfg = replicate.arm_config("tiny", ["sampling.max_new_tokens=10", "mt.drop_truncated=true"], "frozen", 3)
+    assert cfg.sampling.max_new_tokens == 10 and cfg.mt.drop_truncated is True and cfg.arm == "frozen"
     assert cfg.seed == 3 and cfg.reward_model.head_seed == 3 and cfg.prompts.seed == 0
     assert (cfg.mt.rm_update, cfg.mt.policy_prompts) == ("frozen", "with_rm")
     filtered = replicate.arm_config("synthetic", [], "mutual_filtered", 0).mt
     assert (filtered.rm_update, filtered.contrastive_filter) == ("mutual", True)
+    with pytest.raises(ValueError, match="mt.contrastive_filter: set by the script per arm/seed"):  # an arm sets it
+        replicate.arm_config("tiny", ["mt.contrastive_filter=true"], "mutual", 0)
     for argv in (["--arms", "frozen"], ["--arms", "mutual,nope"], ["--override", "mt.rm_update=frozen"],
                  ["--override", "no.such=1"], ["--override", "sampling.max_new_tokens=abc"]):
         with pytest.raises(SystemExit):
