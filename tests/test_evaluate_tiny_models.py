@@ -172,7 +172,7 @@ def test_named_models_load_as_a_run_loads_them(tmp_path) -> None:
 
     policy_dir, rm_dir = save_policy(tmp_path / "policy"), save_reward_model(tmp_path / "rm")
     lm, _, _ = evaluate._load_mtjax_model(str(policy_dir), "causal_lm", "float32")
-    assert evaluate._special_ids(lm, sources.load_tokenizer(policy_dir, "model"))[0][-1] == EOT
+    assert sources.special_ids(lm, sources.load_tokenizer(policy_dir, "model"))[0][-1] == EOT
     generate = evaluate.mtjax_generate_fn(str(policy_dir), max_new_tokens=32, temperature=1.0, batch_size=4,
                                           progress=False)
     generate([f"hello {i}" for i in range(4)])

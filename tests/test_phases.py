@@ -24,7 +24,8 @@ def test_what_each_phase_takes_with_it():
 
 def test_which_settings_a_finished_phase_leaves_free():
     # tokenizers measure against sampling, eval; the splits come from prompts.seed, not the run's seed
-    assert set(independent_of("prompts")) == {"base_rm", "dpo", "rm", "mt", "sft", "seed", "reward_model.head_seed"}
+    assert set(independent_of("prompts")) == {
+        "arm", "base_rm", "dpo", "rm", "mt", "sft", "seed", "reward_model.head_seed"}
     # π0 from demonstrations: sft.seed and the policy's settings, nothing the loop or the RM sets
     assert {"seed", "sampling", "base_rm", "reward_model", "mt"} <= set(independent_of("sft"))
     assert "policy" not in independent_of("sft") and "prompts" not in independent_of("sft")
