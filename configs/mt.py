@@ -21,7 +21,7 @@ Presets:
 
 Arms (`mtjax.arms`; default mutual): the method the run is, applied on top of the preset, e.g.
 `configs/mt.py:paper,iterative_dpo` or `configs/mt.py:synthetic,sppo`: mutual, iterative_dpo, frozen, offline,
-offline_ipo, offline_simpo, sppo, self_rewarding, ser, and the ablations and controls of a study.
+offline_ipo, offline_simpo, sppo, self_rewarding, meta_rewarding, ser, and the ablations and controls of a study.
 """
 
 from ml_collections import ConfigDict

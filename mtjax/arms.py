@@ -14,6 +14,8 @@ evaluation. The arm's name is kept in the config (`arm`), so a run directory say
                        win probability (`losses.sppo_loss`), RM frozen, all portions as iterative DPO
     self_rewarding     Self-Rewarding: the current policy judges its own samples with the 5-point rubric
                        (`mtjax.judge`), best vs worst judged, iterative DPO, no reward model
+    meta_rewarding     Meta-Rewarding: Self-Rewarding, and the policy as meta-judge compares its own judgments;
+                       DPO on the response pairs and the preferred-judgment pairs together
     ser                Self-Evolved Reward learning in the M-step: the RM labels pairs of π_t's samples itself,
                        keeps the confident ones and retrains, `mt.ser_rounds` times
     self_only / contrastive_only / mutual_filtered / oracle / random
@@ -62,6 +64,10 @@ ARMS: dict[str, Arm] = {
                           "best vs worst, iterative DPO, no RM",
                           {**_ALL_PORTIONS_FROZEN, "mt.policy_rewards": "judge_policy",
                            "mt.policy_pairs": "best_worst"}),
+    "meta_rewarding": Arm("Meta-Rewarding (Wu et al. 2024): Self-Rewarding, plus the policy as meta-judge of its "
+                          "own judgments; DPO on response and judge pairs",
+                          {**_ALL_PORTIONS_FROZEN, "mt.policy_rewards": "judge_policy",
+                           "mt.policy_pairs": "best_worst", "mt.meta_judge": True}),
     "ser": Arm("Self-Evolved Reward learning (Huang et al. 2024) as the M-step: self-labelled confident pairs, "
                "rounds", {"mt.rm_update": "ser"}),
     "self_only": Arm("ablation: M-step on self-training pairs D(PM) only", {"mt.rm_update": "self_only"}),

@@ -133,11 +133,18 @@ class PhaseBodies:
                 pairs = policy_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated,
                                      self.mt.policy_pairs, win_probs=self.cfg.dpo.loss_type == "sppo")
                 self.rd.write_jsonl(layout.pairs_file(phase), pairs.rows(layout.POLICY_PAIRS))
+                lengths = length_summary(pairs)  # of the policy's responses, not of any judgment
+                if self.mt.meta_judge:  # Meta-Rewarding: the judge is trained on the judgments it prefers too
+                    judge_pairs, meta = self.meta_judged_pairs(phase, split, judge)
+                    self.rd.write_jsonl(layout.pairs_file(phase, layout.JUDGE_PAIRS),
+                                        judge_pairs.rows(layout.JUDGE_PAIRS))
+                    summary.update(meta)
+                    pairs = pairs.extended(judge_pairs)
                 new_params, stats = train_dpo(self.models, policy_params, pairs, self.cfg.dpo, self.mesh,
                                               self.seed(phase), self.log(phase),
                                               str(self.rd.file(layout.REFERENCE_CACHE)), self.train_checkpoint(phase))
                 self.rd.save_params(layout.policy_checkpoint(t), new_params)
-                summary.update({**pairs.counts, **stats, **length_summary(pairs)})
+                summary.update({**pairs.counts, **stats, **lengths})
         return self.rd.load_params(layout.policy_checkpoint(t), like=self.models.policy_params)
 
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:

@@ -12,7 +12,7 @@ file changes no sample, and run directories written before this module existed r
     RUN/benchmarks/NAME.jsonl                           what the benchmarks judge against
     RUN/sft/{demonstrations.jsonl, policy/}             π0 trained on demonstrations (optional)
     RUN/base_rm/{samples.jsonl, pairs.jsonl, reward_model/}
-    RUN/iter_t/e_step/{samples, judgments, pairs}.jsonl, RUN/iter_t/policy/
+    RUN/iter_t/e_step/{samples, judgments, meta_judgments, pairs, judge_pairs}.jsonl, RUN/iter_t/policy/
     RUN/iter_t/m_step/{new,old}_policy_samples.jsonl, {self,contrastive}_pairs.jsonl, round_R_pairs.jsonl,
                       round_R/reward_model/ (SER), RUN/iter_t/reward_model/
     RUN/iter_t/eval/{samples, NAME_answers}.jsonl, results.json; RUN/eval/iter_t.json, eval/iter_t/...
@@ -140,12 +140,18 @@ def judgments_file(phase: str) -> str:
     return f"{phase}/judgments.jsonl"
 
 
+def meta_judgments_file(phase: str) -> str:
+    """The meta-judge's verdicts on pairs of the phase's judgments (`mt.meta_judge`, Meta-Rewarding)."""
+    return f"{phase}/meta_judgments.jsonl"
+
+
 def demonstrations_file() -> str:
     return f"{SFT}/demonstrations.jsonl"
 
 
 # The kinds of pairs a phase stores (each file's rows carry their kind too).
 POLICY_PAIRS, GOLD_PAIRS = "policy", "gold"  # e_step's, base_rm's
+JUDGE_PAIRS = "judge"  # e_step's with `mt.meta_judge`: the meta-judge's preferred judgments
 SELF_PAIRS, CONTRASTIVE_PAIRS = "self", "contrastive"  # m_step's
 _PAIRS = "pairs"
 
@@ -274,6 +280,7 @@ _SEED_PHASE = {PROMPTS: "prompts", SFT: "sft", BASE_RM: "base_rm",
 BASE_RM_LABELS_SEED = "labels"  # which untied pairs get a gold label (`base_rm.pairs_per_prompt`)
 RANDOM_LABELS_SEED = "random_labels"  # the `random` M-step control's coin
 JUDGE_SEED = "judgments.jsonl"  # the LLM judge's sampling
+META_JUDGE_SEED = "meta_judgments"  # the meta-judge's sampling (Meta-Rewarding)
 
 
 def ser_round_seed(r: int) -> str:
@@ -304,7 +311,8 @@ _FOLDERS = (PROMPTS_FOLDER, REFERENCE_CACHE, REPORT_FOLDER, TENSORBOARD_FOLDER, 
             policy_checkpoint("*"), reward_model_checkpoint("*"), ser_round_reward_model(m_step("*"), "*"),
             *(train_state_folder(p) for p in _PHASE_PATTERNS), train_state_folder(m_step("*"), "*"))
 _FILES = (PHASES_FILE, CONFIG_FILE, METRICS_FILE, LOCK_FILE, SUMMARY_FILE, WANDB_RUN_FILE, benchmark_records("*"),
-          demonstrations_file(), judgments_file(e_step("*")), pairs_file(m_step("*"), "*"),
+          demonstrations_file(), judgments_file(e_step("*")), meta_judgments_file(e_step("*")),
+          pairs_file(e_step("*"), JUDGE_PAIRS), pairs_file(m_step("*"), "*"),
           ser_round_pairs_file(m_step("*"), "*"), eval_results("*"), eval_metrics("*"), benchmark_output("*", "*"),
           REPLICATE_SECONDS_FILE, replicate_alpaca_eval("*"), REPLICATE_REFERENCE_SCORES,
           *(f(p, _ANY_PASS) for p in _PHASE_PATTERNS for f in (samples_file, partial_samples_file)),

@@ -34,6 +34,16 @@ class PairSet:
         for name, value in values.items():
             self.values.setdefault(name, []).append(float(value))
 
+    def extended(self, other: PairSet) -> PairSet:
+        """Both sets' pairs in one (this one's first), counts added; per-pair values must be the same kinds."""
+        if set(self.values) != set(other.values):
+            raise ValueError(f"cannot join pairs carrying {sorted(self.values)} with pairs carrying "
+                             f"{sorted(other.values)}")
+        counts = Counter(self.counts)
+        counts.update(other.counts)  # `+` would drop the zero counts (a phase reports "pairs": 0)
+        return PairSet(self.prompts + other.prompts, self.chosen + other.chosen, self.rejected + other.rejected,
+                       counts, {k: v + other.values[k] for k, v in self.values.items()})
+
     def rows(self, kind: str) -> list[dict]:
         return [{"kind": kind, "prompt_ids": p, "chosen_ids": c, "rejected_ids": r,
                  **{name: values[i] for name, values in self.values.items()}}

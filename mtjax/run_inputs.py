@@ -50,15 +50,22 @@ class RunInputs:
                     f"({spec.config.max_position_embeddings} tokens, {spec.source.source})"
                     for name, spec in specs.items() if need > spec.config.max_position_embeddings]
         if self.mt.judges:  # the judge reads the rubric around a prompt and a response, then writes its verdict
-            from mtjax.judge import judge_prompt
+            from mtjax.judge import judge_prompt, meta_judge_prompt
 
             policy = specs["policy"]
             rubric = len(data.chat_prompt_ids(policy.tokenizer, judge_prompt("", "")))
-            judged = rubric + prompts.max_prompt_tokens + self.sampling.max_new_tokens + self.mt.judge_max_new_tokens
+            response = prompts.max_prompt_tokens + self.sampling.max_new_tokens
+            judged = rubric + response + self.mt.judge_max_new_tokens
+            what = f"the judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + sampling.max_new_tokens + " \
+                   f"mt.judge_max_new_tokens = {judged}"
+            if self.mt.meta_judge:  # the meta-judge reads two judgments besides, then writes its verdict
+                rubric = len(data.chat_prompt_ids(policy.tokenizer, meta_judge_prompt("", "", "", "")))
+                judged = rubric + response + 3 * self.mt.judge_max_new_tokens
+                what = f"the meta-judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + " \
+                       f"sampling.max_new_tokens + 3 x mt.judge_max_new_tokens = {judged}"
             if judged > policy.config.max_position_embeddings:
-                problems.append(f"the judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + "
-                                f"sampling.max_new_tokens + mt.judge_max_new_tokens = {judged} exceeds the policy's "
-                                f"context ({policy.config.max_position_embeddings} tokens, {policy.source.source})")
+                problems.append(f"{what} exceeds the policy's context ({policy.config.max_position_embeddings} "
+                                f"tokens, {policy.source.source})")
         if problems:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 

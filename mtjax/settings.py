@@ -155,7 +155,11 @@ class MTConfig:
     policy_rewards: reward_model | judge_policy | judge_base (LLM-as-a-judge, see POLICY_REWARDS).
     policy_pairs: length_controlled | best_worst (see POLICY_PAIRS).
     judge_samples: judgments sampled per response (their parsed scores are averaged; Self-Rewarding: 3).
-    judge_max_new_tokens: the length of a judgment (the rubric asks for ≤ 100 words and a score).
+    judge_max_new_tokens: the length of a judgment (the rubric asks for ≤ 100 words and a score), and of a
+      meta-judgment.
+    meta_judge: Meta-Rewarding (Wu et al. 2024): the judge also judges its own judgments (`mtjax.judge`), and
+      the E-step's DPO trains on the judge pairs it prefers besides the response pairs. Needs
+      policy_rewards='judge_policy' (the policy is actor, judge and meta-judge).
     ser_threshold, ser_rounds: SER's confidence threshold in [0.5, 1) and rounds per M-step.
     """
 
@@ -169,6 +173,7 @@ class MTConfig:
     policy_pairs: str = "length_controlled"
     judge_samples: int = 3
     judge_max_new_tokens: int = 192
+    meta_judge: bool = False
     ser_threshold: float = 0.9
     ser_rounds: int = 2
 
@@ -188,6 +193,10 @@ class MTConfig:
                f"judge_samples={self.judge_samples!r} must be an int >= 1")
         _check(p, isinstance(self.judge_max_new_tokens, int) and self.judge_max_new_tokens >= 1,
                f"judge_max_new_tokens={self.judge_max_new_tokens!r} must be an int >= 1")
+        _check(p, isinstance(self.meta_judge, bool), f"meta_judge={self.meta_judge!r} must be True or False")
+        _check(p, not self.meta_judge or self.policy_rewards == "judge_policy",
+               "meta_judge=True needs the policy as its own judge: policy_rewards='judge_policy' (the judge pairs "
+               f"train the judge), now {self.policy_rewards!r}")
         _check(p, isinstance(self.ser_threshold, (int, float)) and 0.5 <= self.ser_threshold < 1.0,
                f"ser_threshold={self.ser_threshold!r} must be in [0.5, 1)")
         _check(p, isinstance(self.ser_rounds, int) and self.ser_rounds >= 1,
@@ -448,6 +457,10 @@ def validate_config(cfg: ConfigDict) -> None:
     if mt is not None and ev is not None and mt.gate_win_rate is not None and "testbed" not in ev.benchmarks:
         problems.append("mt.gate_win_rate needs 'testbed' in eval.benchmarks (the gate compares the policies' "
                         "held-out testbed responses)")
+    dpo = built.get("dpo", {}).get("DPOConfig")
+    if mt is not None and dpo is not None and mt.meta_judge and dpo.loss_type == "sppo":
+        problems.append("mt.meta_judge=True with dpo.loss_type='sppo': the meta-judge's judge pairs carry no win "
+                        "probabilities (use a pairwise loss: dpo, ipo, hinge, simpo)")
     if "base_rm" in built and prompts is not None and prompts.base_rm_labels < 1:
         problems.append(f"prompts.base_rm_labels={prompts.base_rm_labels} must be >= 1 when base_rm.enabled "
                         "(r0 is trained on them)")

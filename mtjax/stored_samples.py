@@ -161,14 +161,10 @@ class StoredSamples:
             n = self.mt.judge_samples
             flat = [(rubric_prompt_text(prompt), row) for prompt, group in zip(self.prompts(split), groups, strict=True)
                     for row in group]
-            sampling = dataclasses.replace(self.sampling, max_new_tokens=self.mt.judge_max_new_tokens)
             judgments: list[str] = []
 
             def judge(queries: list[str]) -> list[str]:
-                ids = [data.chat_prompt_ids(self.models.tokenizer, q) for q in queries]
-                out = sample_responses(self.models, judge_params, ids, 1, sampling,
-                                       self.seed(phase, layout.JUDGE_SEED), self.mesh)
-                judgments.extend(response_text(self.models, s[0]) for s in out)
+                judgments.extend(self._judge_texts(phase, judge_params, queries, layout.JUDGE_SEED))
                 return judgments
 
             judged = judge_rewards(judge, [p for p, _ in flat], [r["text"] for _, r in flat], n)
@@ -181,6 +177,76 @@ class StoredSamples:
         unparsed = sum(parse_score(j) is None for r in rows for j in r["judgments"])
         return per_prompt, {"judgments": sum(len(r["judgments"]) for r in rows), "judgments_unparsed": unparsed,
                             "responses_unjudged": sum(not math.isfinite(r["reward"]) for r in rows)}
+
+    def meta_judged_pairs(self, phase: str, split: str, judge_params: Any) -> tuple[Any, dict]:
+        """Meta-Rewarding's judge pairs (`mtjax.judge`): for each prompt, the response whose judgments (from
+        `judged_rewards`) disagree most is examined by the meta-judge (the policy with `judge_params`), every
+        two of its judgments compared in both positions; the judgment the verdicts rank highest is chosen over
+        the lowest, as a pair whose prompt is the judge's rubric prompt. The verdicts are kept in
+        `PHASE/meta_judgments.jsonl` (read back on a rerun). Returns the pairs and the counts."""
+        from collections import Counter
+
+        from mtjax import judge
+        from mtjax.pairs import PairSet
+
+        path = layout.meta_judgments_file(phase)
+        prompts = {pid: judge.rubric_prompt_text(p)
+                   for pid, p in zip(self.splits[split]["prompt_id"], self.prompts(split), strict=True)}
+        responses = {(r["prompt_id"], r["sample"]): r["text"]
+                     for group in self.sample_rows(layout.samples_file(phase, layout.SAMPLES), split) for r in group}
+        judged = _group_rows(self.rd.read_jsonl(layout.judgments_file(phase)), self.splits[split]["prompt_id"])
+        if self.rd.file(path).exists():  # written by an earlier attempt at this phase
+            self.rd.record_artifact(path, keep_recorded=True)
+            rows = self.rd.read_jsonl(path)
+        else:
+            rows, queries = [], []
+            for group in judged:
+                pick = judge.most_disputed([r["judgments"] for r in group])
+                if pick is None:
+                    continue
+                row = group[pick]
+                texts = row["judgments"]
+                prompt, response = prompts[row["prompt_id"]], responses[(row["prompt_id"], row["sample"])]
+                order = judge.battles(len(texts))
+                queries += [judge.meta_judge_prompt(prompt, response, texts[a], texts[b]) for a, b in order]
+                rows.append({"prompt_id": row["prompt_id"], "sample": row["sample"],
+                             "battles": [[a, b] for a, b in order]})
+            verdicts = iter(self._judge_texts(phase, judge_params, queries, layout.META_JUDGE_SEED) if queries else [])
+            for row in rows:
+                row["verdicts"] = [next(verdicts) for _ in row["battles"]]
+            self.rd.write_jsonl(path, rows)
+        judgments = {(r["prompt_id"], r["sample"]): r["judgments"] for group in judged for r in group}
+        winners = [[judge.parse_winner(v) for v in row["verdicts"]] for row in rows]
+        weights = judge.position_weights([w for ws in winners for w in ws])
+        pairs, counts = PairSet([], [], [], Counter()), Counter()
+        counts["prompts_without_disputed_judgments"] = len(judged) - len(rows)
+        for row, ws in zip(rows, winners, strict=True):
+            key = (row["prompt_id"], row["sample"])
+            texts = judgments[key]
+            choice = judge.judgment_pair(texts, [(a, b, w) for (a, b), w in zip(row["battles"], ws, strict=True)],
+                                         weights)
+            if isinstance(choice, str):
+                counts[f"skipped_{choice}"] += 1
+                continue
+            rubric = judge.judge_prompt(prompts[row["prompt_id"]], responses[key])
+            eos = self.models.stop_ids[0]
+            pairs.append(data.chat_prompt_ids(self.models.tokenizer, rubric),
+                         data.response_ids(self.models.tokenizer, texts[choice.chosen], eos),
+                         data.response_ids(self.models.tokenizer, texts[choice.rejected], eos))
+        pairs.counts.update({f"meta_{k}": v for k, v in counts.items()})
+        verdict_count = sum(len(ws) for ws in winners)
+        return pairs, {"meta_judgments": verdict_count,
+                       "meta_judgments_unparsed": sum(w is None for ws in winners for w in ws),
+                       "meta_position_a_weight": weights[0], "judge_pairs": len(pairs),
+                       **pairs.counts}
+
+    def _judge_texts(self, phase: str, judge_params: Any, queries: Sequence[str], seed_purpose: str) -> list[str]:
+        """The judge's answers to `queries` (rubric or meta-rubric prompts in the policy's chat template), one
+        sample each, sampled as the `sampling` section says but `mt.judge_max_new_tokens` long."""
+        sampling = dataclasses.replace(self.sampling, max_new_tokens=self.mt.judge_max_new_tokens)
+        ids = [data.chat_prompt_ids(self.models.tokenizer, q) for q in queries]
+        out = sample_responses(self.models, judge_params, ids, 1, sampling, self.seed(phase, seed_purpose), self.mesh)
+        return [response_text(self.models, s[0]) for s in out]
 
 
 def _group_rows(rows: Sequence[dict], order: Sequence[str]) -> list[list[dict]]:

@@ -2,7 +2,8 @@
 
 Arms: the named arms of ``mtjax.arms`` (``configs/mt.py:PRESET,ARM``; ``--override key=value`` applies to every
 arm, before the arm's own settings): mutual (Mutual-Taught), iterative_dpo, frozen, offline, offline_ipo,
-offline_simpo, sppo, self_rewarding, ser, self_only, contrastive_only, mutual_filtered, oracle, random.
+offline_simpo, sppo, self_rewarding, meta_rewarding, ser, self_only, contrastive_only, mutual_filtered, oracle,
+random.
 
 A seed sets ``cfg.seed`` and ``cfg.reward_model.head_seed``; ``prompts.seed`` stays fixed, so every arm and
 seed sees the same prompt splits. Per seed, ``mutual`` runs first in ``WORKDIR/seed_S/mutual``; every other
@@ -50,7 +51,8 @@ DEFAULTS = {"arms": "mutual,frozen,self_only,contrastive_only,offline", "seeds":
 PRESET_DEFAULTS = {"synthetic": {"arms": "mutual,frozen,self_only,contrastive_only,oracle,random",
                                  "seeds": "0,1,2,3,4", "alpaca_prompts": 0}}
 # The arms Table 1 of the paper (and its related work) compares Mutual-Taught with, beyond the ablations.
-TABLE_1_ARMS = ("offline", "offline_ipo", "offline_simpo", "iterative_dpo", "sppo", "self_rewarding", "ser")
+TABLE_1_ARMS = ("offline", "offline_ipo", "offline_simpo", "iterative_dpo", "sppo", "self_rewarding", "meta_rewarding",
+                "ser")
 # Keys the script or the arms set: an override may not touch them.
 RESERVED = ("seed", "reward_model.head_seed", *sorted(arm_keys()))
 

@@ -2,6 +2,7 @@
 and the SPPO, SER and Self-Rewarding arms run through the driver on the `tiny` preset."""
 
 import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,10 +28,23 @@ def test_every_arm_of_every_preset_validates_or_says_why_not(preset):
     for name in arms.ARMS:
         cfg = mt.get_config(f"{preset},{name}")
         assert cfg.arm == name
-        if preset == "synthetic" and name == "self_rewarding":
+        if preset == "synthetic" and name in ("self_rewarding", "meta_rewarding"):
             with pytest.raises(ValueError, match=r"mt\.policy_rewards='judge_policy'.*rubric"):
                 settings.validate_config(cfg)
         else:
+            settings.validate_config(cfg)
+
+
+def test_the_meta_judge_needs_the_policy_as_judge_and_a_pairwise_loss():
+    cfg = mt.get_config("tiny,meta_rewarding")
+    assert (cfg.mt.policy_rewards, cfg.mt.meta_judge, cfg.mt.rm_update) == ("judge_policy", True, "frozen")
+    for key, value, problem in (("mt.policy_rewards", "judge_base", "meta_judge=True needs the policy as its own "
+                                                                    "judge: policy_rewards='judge_policy'"),
+                                ("dpo.loss_type", "sppo", "mt.meta_judge=True with dpo.loss_type='sppo'")):
+        cfg = mt.get_config("tiny,meta_rewarding")
+        section, field = key.split(".")
+        cfg[section][field] = value
+        with pytest.raises(ValueError, match=re.escape(problem)):
             settings.validate_config(cfg)
 
 
@@ -181,13 +195,15 @@ def test_an_interrupted_ser_round_resumes_after_the_last_finished_round(sppo_ser
         sppo_ser_run.rd.summary("iter_1/m_step")["ser_round_1_pairs"]
 
 
-def test_self_rewarding_judges_with_the_policy_and_counts_what_it_cannot_parse(sppo_ser_run, tmp_path):
-    """The policy judges its own samples with the rubric; a random tiny model writes no parseable score, so every
-    response is left unjudged, counted, and no pair is built (nothing guessed). Iteration 2 of the all-portions
-    schedule samples the reward model's prompts."""
+def test_meta_rewarding_judges_and_meta_judges_with_the_policy_and_counts_what_it_cannot_parse(sppo_ser_run,
+                                                                                                tmp_path):
+    """The policy judges its own samples with the rubric, then compares its judgments of one response per prompt
+    as meta-judge (both positions); a random tiny model writes no parseable score or verdict, so every response
+    is left unjudged, every meta-judgment unparsed, and no pair of either kind is built (nothing guessed).
+    Iteration 2 of the all-portions schedule samples the reward model's prompts."""
     cfg = tiny_config(rm_update="frozen", policy_prompts="all_portions", policy_rewards="judge_policy",
-                      policy_pairs="best_worst", judge_samples=2, judge_max_new_tokens=6)
-    cfg.arm = "self_rewarding"
+                      policy_pairs="best_worst", judge_samples=2, judge_max_new_tokens=6, meta_judge=True)
+    cfg.arm = "meta_rewarding"
     cfg.iterations = 1
     cfg.prompts.policy = (6,)
     assert em.share_base_phases(str(sppo_ser_run.rd.path), cfg, str(tmp_path)) == \
@@ -205,14 +221,27 @@ def test_self_rewarding_judges_with_the_policy_and_counts_what_it_cannot_parse(s
         summary = run.rd.summary(f"iter_{t}/e_step")
         assert summary["judgments"] == summary["judgments_unparsed"] == 2 * len(samples)
         assert summary["responses_unjudged"] == len(samples)
-        assert summary["pairs"] == 0 and summary["skipped_fewer_than_two_responses"] == len(run.splits[split])
+        assert summary["skipped_fewer_than_two_responses"] == len(run.splits[split])
+        # the meta-judge: one response per prompt with two different judgments, compared as (A, B) and (B, A)
+        meta = run.rd.read_jsonl(f"iter_{t}/e_step/meta_judgments.jsonl")
+        disputed = {j["prompt_id"] for j in judgments if len(set(j["judgments"])) == 2}
+        assert {m["prompt_id"] for m in meta} == disputed and len(meta) == len(disputed) > 0
+        by_key = {(j["prompt_id"], j["sample"]): j for j in judgments}
+        assert all(len(set(by_key[(m["prompt_id"], m["sample"])]["judgments"])) == 2 for m in meta)
+        assert all(m["battles"] == [[0, 1], [1, 0]] and len(m["verdicts"]) == 2 for m in meta)
+        assert summary["meta_judgments"] == summary["meta_judgments_unparsed"] == 2 * len(meta)
+        assert summary["meta_skipped_tied_judgments"] == len(meta)
+        assert summary.get("meta_prompts_without_disputed_judgments", 0) == len(run.splits[split]) - len(meta)
+        assert summary["judge_pairs"] == summary["pairs"] == 0
+        assert run.rd.read_jsonl(f"iter_{t}/e_step/judge_pairs.jsonl") == []
     assert "iter_1/m_step" not in run.rd.completed()
 
 
-def test_the_judge_must_fit_the_policys_context(tmp_path):
-    cfg = tiny_config(policy_rewards="judge_policy")
-    cfg.policy.max_position_embeddings = 400
-    cfg.reward_model.max_position_embeddings = 400
-    with pytest.raises(ValueError, match=r"the judge's rubric \(\d+ tokens\).*exceeds the policy's context"):
+@pytest.mark.parametrize(("meta", "context", "who"), [(False, 400, "judge"), (True, 700, "meta-judge")])
+def test_the_judge_must_fit_the_policys_context(tmp_path, meta, context, who):
+    cfg = tiny_config(policy_rewards="judge_policy", meta_judge=meta)
+    cfg.policy.max_position_embeddings = context
+    cfg.reward_model.max_position_embeddings = context
+    with pytest.raises(ValueError, match=rf"the {who}'s rubric \(\d+ tokens\).*exceeds the policy's context"):
         MutualTaught(cfg, str(tmp_path))
     assert not any(tmp_path.iterdir())

@@ -57,3 +57,76 @@ def test_bad_calls_are_refused():
         judge.judge_rewards(lambda q: q, ["a"], ["x"], 0)
     with pytest.raises(ValueError, match="returned 1 judgments for 2 queries"):
         judge.judge_rewards(lambda q: ["Score: 1"], ["a"], ["x"], 2)
+
+
+# ----------------------------------------------------------------------------- Meta-Rewarding's meta-judge
+
+VERDICTS = {
+    "Judgment A applies the rubric.\nWinner: Judgment A": 0,
+    "**Winner:** Judgement B": 1,
+    "Winner: [Judgment B]": 1,
+    "winner = judgment a": 0,
+    "Winner: Judgment A ... no, Winner: Judgment B": 1,  # the conclusion counts
+    "Both are fine.": None,
+    "Winner: Judgment C": None,
+    "Winner: A": None,  # not the required format
+    "": None,
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), list(VERDICTS.items()))
+def test_verdicts_are_parsed_from_the_meta_rubrics_format_or_counted_as_unparsed(text, expected):
+    assert judge.parse_winner(text) == expected
+
+
+def test_the_meta_judge_prompt_shows_the_rubric_the_response_and_both_judgments():
+    text = judge.meta_judge_prompt("How do I boil an egg?", "Boil it 9 minutes.", "Score: 4", "Score: 1")
+    assert text.startswith("Review the user's question and the corresponding response, along with two judgments.")
+    assert judge.CRITERIA in text and judge.CRITERIA in judge.judge_prompt("p", "r")
+    assert "User: How do I boil an egg?\n\n<response>Boil it 9 minutes.</response>" in text
+    assert "Judgment A: <judgment>Score: 4</judgment>\n\nJudgment B: <judgment>Score: 1</judgment>" in text
+    assert text.endswith('"Winner: [Judgment A | Judgment B]".') and "{" not in text
+
+
+def test_every_two_judgments_are_compared_in_both_positions():
+    assert judge.battles(2) == [(0, 1), (1, 0)]
+    assert sorted(judge.battles(3)) == sorted([(a, b) for a in range(3) for b in range(3) if a != b])
+
+
+def test_position_weights_undo_a_meta_judge_that_favours_one_position():
+    assert judge.position_weights([0, 0, 0, 1, None]) == (4 / 6, 4 / 2)  # A wins 3 of 4 parsed verdicts
+    assert judge.position_weights([0, 0, None]) == judge.position_weights([]) == (1.0, 1.0)
+
+
+def test_judgment_scores_rank_by_weighted_wins_and_stay_finite():
+    # 0 beats 1 and 2 in both positions, 1 beats 2 in both: a strict order
+    verdicts = [(0, 1, 0), (1, 0, 1), (0, 2, 0), (2, 0, 1), (1, 2, 0), (2, 1, 1)]
+    scores = judge.judgment_scores(3, verdicts)
+    assert scores[0] > scores[1] > scores[2] and all(math.isfinite(s) for s in scores)
+    assert judge.judgment_scores(3, verdicts)[0] == pytest.approx(-judge.judgment_scores(3, verdicts)[2])
+    # a win each way is a tie; unparsed verdicts count for nobody
+    assert judge.judgment_scores(2, [(0, 1, 0), (1, 0, 0), (0, 1, None)]) == pytest.approx([0.0, 0.0])
+    # a meta-judge biased to position A: a win in B (0 over 2, shown second) is the rarer, stronger evidence
+    biased = [(0, 1, 0), (1, 0, 0), (1, 2, 0), (2, 1, 0), (0, 2, 0), (2, 0, 1)]
+    weights = judge.position_weights([w for _, _, w in biased])
+    assert weights == (6 / 10, 6 / 2)
+    plain, weighted = judge.judgment_scores(3, biased), judge.judgment_scores(3, biased, weights)
+    assert weighted[0] - weighted[2] > plain[0] - plain[2] > 0
+
+
+def test_a_judgment_pair_is_the_best_against_the_worst_or_says_why_not():
+    verdicts = [(0, 1, 1), (1, 0, 0), (0, 2, 1), (2, 0, 0), (1, 2, 0), (2, 1, 1)]  # 1 > 2 > 0
+    assert judge.judgment_pair(["Score: 1", "Score: 4", "Score: 3"], verdicts, (1, 1)) == judge.JudgmentPair(1, 0)
+    assert judge.judgment_pair(["Score: 1", "Score: 4"], [(0, 1, None), (1, 0, None)], (1, 1)) == "tied_judgments"
+    assert judge.judgment_pair(["same", "same"], [(0, 1, 1), (1, 0, 0)], (1, 1)) == "identical_judgments"
+
+
+def test_the_meta_judge_examines_the_response_whose_judgments_disagree_most():
+    sets = [["Score: 3", "Score: 4"],  # spread 1
+            ["Score: 1", "Score: 5"],  # spread 4: examined
+            ["Score: 2", "Score: 2"]]  # different texts? no: identical, cannot be compared
+    assert judge.most_disputed(sets) == 1
+    assert judge.most_disputed([["Score: 2", "Score: 2"], ["x", "x"]]) is None
+    # an unparsed judgment next to a parsed one is a disagreement of its own; the first of equals wins
+    assert judge.most_disputed([["Score: 2", "Looks good"], ["Score: 3", "Score: 3."]]) == 0
+    assert judge.most_disputed([["a", "b"], ["c", "d"]]) == 0
