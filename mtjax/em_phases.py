@@ -127,7 +127,7 @@ class PhaseBodies:
                 samples, rewards = self.samples(phase, layout.SAMPLES, policy_params, split, self.sampling.num_samples,
                                                 rm_params=None if self.mt.judges else rm_params)
                 if self.mt.judges:
-                    judge = policy_params if self.mt.policy_rewards == "judge_policy" else self.models.policy_params
+                    judge = self.llm_judge_params(policy_params)
                     rewards, judged = self.judged_rewards(phase, split, judge)
                     summary.update(judged)
                 pairs = policy_pairs(self.prompt_ids(split), samples, rewards, self.mt.drop_truncated,
@@ -146,6 +146,14 @@ class PhaseBodies:
                 self.rd.save_params(layout.policy_checkpoint(t), new_params)
                 summary.update({**pairs.counts, **stats, **lengths})
         return self.rd.load_params(layout.policy_checkpoint(t), like=self.models.policy_params)
+
+    def llm_judge_params(self, policy_params: Any) -> Any:
+        """The LLM judge's weights (`mt.policy_rewards`): π_{t-1}'s (`policy_params`), π0's, or the judge model's."""
+        if self.mt.policy_rewards == "judge_policy":
+            return policy_params
+        if self.mt.policy_rewards == "judge_base":
+            return self.models.policy_params
+        return self.models.judge.policy_params
 
     def m_step(self, t: int, old_policy: Any, new_policy: Any, rm_params: Any, base_rm: Any) -> Any:
         phase = layout.m_step(t)

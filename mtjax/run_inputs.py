@@ -52,7 +52,7 @@ class RunInputs:
         if self.mt.judges:  # the judge reads the rubric around a prompt and a response, then writes its verdict
             from mtjax.judge import judge_prompt, meta_judge_prompt
 
-            policy = specs["policy"]
+            policy = specs.get("judge", specs["policy"])  # the model that judges
             rubric = len(data.chat_prompt_ids(policy.tokenizer, judge_prompt("", "")))
             response = prompts.max_prompt_tokens + self.sampling.max_new_tokens
             judged = rubric + response + self.mt.judge_max_new_tokens
@@ -64,8 +64,8 @@ class RunInputs:
                 what = f"the meta-judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + " \
                        f"sampling.max_new_tokens + 3 x mt.judge_max_new_tokens = {judged}"
             if judged > policy.config.max_position_embeddings:
-                problems.append(f"{what} exceeds the policy's context ({policy.config.max_position_embeddings} "
-                                f"tokens, {policy.source.source})")
+                problems.append(f"{what} exceeds the {'judge' if 'judge' in specs else 'policy'}'s context "
+                                f"({policy.config.max_position_embeddings} tokens, {policy.source.source})")
         if problems:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 

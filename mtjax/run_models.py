@@ -1,5 +1,6 @@
-"""The two models of a run, loaded: the policy and the reward model with their tokenizers, stop and pad ids
-(`describe_models` reads what `mtjax.sources` says of them without weights; `load_models` places them)."""
+"""The models of a run, loaded: the policy and the reward model with their tokenizers, stop and pad ids, and
+an LLM judge of its own when `mt.judge_model` names one (`describe_models` reads what `mtjax.sources` says of
+them without weights; `load_models` places them)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ class Models:
     stop_ids: tuple[int, ...]  # the policy's stop ids (config, generation config and tokenizer)
     pad_id: int  # the policy's
     reward_pad_id: int
+    judge: Models | None = None  # `mt.judge_model`: the judge as a policy (module, tokenizer, stop/pad ids, π0 = its
+    # weights); None when the policy judges
+
+    def judge_view(self) -> Models:
+        """The models the LLM judge samples with: `judge` if the run has a judge model, else these (the policy)."""
+        return self if self.judge is None else self.judge
 
 
 def describe_models(cfg: ConfigDict) -> dict[str, Any]:
@@ -31,8 +38,28 @@ def describe_models(cfg: ConfigDict) -> dict[str, Any]:
     from mtjax.models.config import ModelConfig
     from mtjax.sources import ModelSource, describe
 
-    return {name: describe(settings.build(ModelSource, cfg[name]), settings.set_values(ModelConfig, cfg[name]), name)
-            for name in ("policy", "reward_model")}
+    specs = {name: describe(settings.build(ModelSource, cfg[name]), settings.set_values(ModelConfig, cfg[name]), name)
+             for name in ("policy", "reward_model")}
+    if cfg.mt.get("policy_rewards") == "judge_model":
+        specs["judge"] = describe_judge(cfg)
+    return specs
+
+
+def describe_judge(cfg: ConfigDict) -> Any:
+    """The spec of `mt.judge_model`: run with the policy section's execution settings (dtype, attention,
+    remat, layer scan); a random source (`tiny`) takes the policy's architecture settings too."""
+    from mtjax.models.config import ModelConfig
+    from mtjax.sources import RANDOM_SOURCES, ModelSource, describe
+
+    source = ModelSource(source=cfg.mt.judge_model)
+    overrides = settings.set_values(ModelConfig, cfg.policy)
+    if source.source not in RANDOM_SOURCES:
+        overrides = {k: v for k, v in overrides.items() if k in EXECUTION_SETTINGS}
+    return describe(source, overrides, "mt.judge_model")
+
+
+# The ModelConfig settings that say how a model runs, not what it is.
+EXECUTION_SETTINGS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_layers")
 
 
 def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:
@@ -47,4 +74,12 @@ def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:
         policy_params, reward_params = shard_params(policy_params, mesh), shard_params(reward_params, mesh)
     tokenizer, reward_tokenizer = specs["policy"].tokenizer, specs["reward_model"].tokenizer
     (stop_ids, pad), (_, reward_pad) = special_ids(policy, tokenizer), special_ids(reward, reward_tokenizer)
-    return Models(policy, reward, tokenizer, reward_tokenizer, policy_params, reward_params, stop_ids, pad, reward_pad)
+    judge = None
+    if "judge" in specs:  # a causal LM of its own, seen as a policy by the sampler
+        module, params = load(specs["judge"], "causal_lm", run_seed, mesh)
+        if mesh is not None:
+            params = shard_params(params, mesh)
+        judge_stop, judge_pad = special_ids(module, specs["judge"].tokenizer)
+        judge = Models(module, None, specs["judge"].tokenizer, None, params, None, judge_stop, judge_pad, judge_pad)
+    return Models(policy, reward, tokenizer, reward_tokenizer, policy_params, reward_params, stop_ids, pad, reward_pad,
+                  judge)

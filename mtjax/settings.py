@@ -128,8 +128,9 @@ POLICY_PROMPTS = ("own", "with_rm", "all_portions")
 # scored by r0, RM untouched: single-round offline DPO, the baseline with no iteration at all.
 SCHEDULES = ("iterative", "offline")
 # What scores the E-step's samples: the reward model r_{t-1}, or an LLM judge with the Self-Rewarding rubric
-# (`mtjax.judge`): the current policy π_{t-1} ("judge_policy", Self-Rewarding) or the fixed π0 ("judge_base").
-POLICY_REWARDS = ("reward_model", "judge_policy", "judge_base")
+# (`mtjax.judge`): the current policy π_{t-1} ("judge_policy", Self-Rewarding), the fixed π0 ("judge_base"), or
+# a fixed model of its own, `mt.judge_model` ("judge_model": a source as `policy.source` takes them).
+POLICY_REWARDS = ("reward_model", "judge_policy", "judge_base", "judge_model")
 # The E-step's pair per prompt: the paper's length-controlled rule (`data.select_length_controlled_pair`), or
 # the highest- and lowest-reward responses ("best_worst", SPPO's and Self-Rewarding's rule).
 POLICY_PAIRS = ("length_controlled", "best_worst")
@@ -152,7 +153,9 @@ class MTConfig:
     policy_prompts: own (D_t) | with_rm (D_t plus a 1/T share of D_R, for the RM-frozen baselines) |
       all_portions (D_1 .. D_T then D_R: T + 1 iterations, the paper's iterative DPO).
     schedule: iterative | offline (one DPO round from π0 on all training prompts, scored by r0).
-    policy_rewards: reward_model | judge_policy | judge_base (LLM-as-a-judge, see POLICY_REWARDS).
+    policy_rewards: reward_model | judge_policy | judge_base | judge_model (LLM-as-a-judge, see POLICY_REWARDS).
+    judge_model: the judge's source with policy_rewards='judge_model' (smollm2, tiny, a local folder or a hub id,
+      as `policy.source`); it runs with the policy section's dtype and execution settings.
     policy_pairs: length_controlled | best_worst (see POLICY_PAIRS).
     judge_samples: judgments sampled per response (their parsed scores are averaged; Self-Rewarding: 3).
     judge_max_new_tokens: the length of a judgment (the rubric asks for ≤ 100 words and a score), and of a
@@ -173,6 +176,7 @@ class MTConfig:
     policy_pairs: str = "length_controlled"
     judge_samples: int = 3
     judge_max_new_tokens: int = 192
+    judge_model: str | None = None
     meta_judge: bool = False
     ser_threshold: float = 0.9
     ser_rounds: int = 2
@@ -193,6 +197,9 @@ class MTConfig:
                f"judge_samples={self.judge_samples!r} must be an int >= 1")
         _check(p, isinstance(self.judge_max_new_tokens, int) and self.judge_max_new_tokens >= 1,
                f"judge_max_new_tokens={self.judge_max_new_tokens!r} must be an int >= 1")
+        _check(p, (self.policy_rewards == "judge_model") == bool(self.judge_model),
+               f"judge_model={self.judge_model!r} goes with policy_rewards='judge_model' (now "
+               f"{self.policy_rewards!r}): set both or neither")
         _check(p, isinstance(self.meta_judge, bool), f"meta_judge={self.meta_judge!r} must be True or False")
         _check(p, not self.meta_judge or self.policy_rewards == "judge_policy",
                "meta_judge=True needs the policy as its own judge: policy_rewards='judge_policy' (the judge pairs "

@@ -147,9 +147,10 @@ class StoredSamples:
 
     def judged_rewards(self, phase: str, split: str, judge_params: Any) -> tuple[list[list[float]], dict]:
         """LLM-as-a-judge rewards of the phase's stored samples (`mtjax.judge`): each response judged
-        `mt.judge_samples` times by the policy with weights `judge_params`, sampled as the `sampling` section
-        says but `mt.judge_max_new_tokens` long; the mean parsed score, NaN when none parsed. The judgments are
-        kept in `PHASE/judgments.jsonl` (read back on a rerun). Returns the rewards per prompt and the counts."""
+        `mt.judge_samples` times by the judge (the policy with weights `judge_params`, or `mt.judge_model`),
+        sampled as the `sampling` section says but `mt.judge_max_new_tokens` long; the mean parsed score, NaN
+        when none parsed. The judgments are kept in `PHASE/judgments.jsonl` (read back on a rerun). Returns the
+        rewards per prompt and the counts."""
         from mtjax.judge import judge_rewards, parse_score, rubric_prompt_text
 
         path = layout.judgments_file(phase)
@@ -244,9 +245,10 @@ class StoredSamples:
         """The judge's answers to `queries` (rubric or meta-rubric prompts in the policy's chat template), one
         sample each, sampled as the `sampling` section says but `mt.judge_max_new_tokens` long."""
         sampling = dataclasses.replace(self.sampling, max_new_tokens=self.mt.judge_max_new_tokens)
-        ids = [data.chat_prompt_ids(self.models.tokenizer, q) for q in queries]
-        out = sample_responses(self.models, judge_params, ids, 1, sampling, self.seed(phase, seed_purpose), self.mesh)
-        return [response_text(self.models, s[0]) for s in out]
+        judge = self.models.judge_view()
+        ids = [data.chat_prompt_ids(judge.tokenizer, q) for q in queries]
+        out = sample_responses(judge, judge_params, ids, 1, sampling, self.seed(phase, seed_purpose), self.mesh)
+        return [response_text(judge, s[0]) for s in out]
 
 
 def _group_rows(rows: Sequence[dict], order: Sequence[str]) -> list[list[dict]]:

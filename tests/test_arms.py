@@ -195,14 +195,13 @@ def test_an_interrupted_ser_round_resumes_after_the_last_finished_round(sppo_ser
         sppo_ser_run.rd.summary("iter_1/m_step")["ser_round_1_pairs"]
 
 
-def test_meta_rewarding_judges_and_meta_judges_with_the_policy_and_counts_what_it_cannot_parse(sppo_ser_run,
-                                                                                                tmp_path):
-    """The policy judges its own samples with the rubric, then compares its judgments of one response per prompt
-    as meta-judge (both positions); a random tiny model writes no parseable score or verdict, so every response
-    is left unjudged, every meta-judgment unparsed, and no pair of either kind is built (nothing guessed).
-    Iteration 2 of the all-portions schedule samples the reward model's prompts."""
-    cfg = tiny_config(rm_update="frozen", policy_prompts="all_portions", policy_rewards="judge_policy",
-                      policy_pairs="best_worst", judge_samples=2, judge_max_new_tokens=6, meta_judge=True)
+JUDGED = {"policy_rewards": "judge_policy", "policy_pairs": "best_worst", "judge_samples": 2, "judge_max_new_tokens": 6}
+
+
+@pytest.fixture(scope="module")
+def meta_rewarding_run(sppo_ser_run, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("meta_rewarding")
+    cfg = tiny_config(rm_update="frozen", policy_prompts="all_portions", **JUDGED, meta_judge=True)
     cfg.arm = "meta_rewarding"
     cfg.iterations = 1
     cfg.prompts.policy = (6,)
@@ -210,6 +209,15 @@ def test_meta_rewarding_judges_and_meta_judges_with_the_policy_and_counts_what_i
         ["prompts", "base_rm", "iter_0/eval"]
     run = MutualTaught(cfg, str(tmp_path))
     run.run()
+    return run
+
+
+def test_meta_rewarding_judges_and_meta_judges_with_the_policy_and_counts_what_it_cannot_parse(meta_rewarding_run):
+    """The policy judges its own samples with the rubric, then compares its judgments of one response per prompt
+    as meta-judge (both positions); a random tiny model writes no parseable score or verdict, so every response
+    is left unjudged, every meta-judgment unparsed, and no pair of either kind is built (nothing guessed).
+    Iteration 2 of the all-portions schedule samples the reward model's prompts."""
+    run = meta_rewarding_run
     assert [p for p in run.rd.completed() if p.endswith("e_step")] == ["iter_1/e_step", "iter_2/e_step"]
     for t, split in ((1, "policy_1"), (2, "reward_model")):
         samples = run.rd.read_jsonl(f"iter_{t}/e_step/samples.jsonl")
@@ -235,6 +243,26 @@ def test_meta_rewarding_judges_and_meta_judges_with_the_policy_and_counts_what_i
         assert summary["judge_pairs"] == summary["pairs"] == 0
         assert run.rd.read_jsonl(f"iter_{t}/e_step/judge_pairs.jsonl") == []
     assert "iter_1/m_step" not in run.rd.completed()
+
+
+def test_a_judge_model_of_its_own_judges_the_policys_samples(meta_rewarding_run, sppo_ser_run, tmp_path):
+    """`mt.policy_rewards=judge_model` loads `mt.judge_model` as a causal LM of its own and samples the judgments
+    with it. A `tiny` judge has π0's weights (the same seed), so at iteration 1, where the meta-rewarding run's
+    judge is π0 too, the samples and every judgment are the same, to the token."""
+    cfg = tiny_config(rm_update="frozen", **{**JUDGED, "policy_rewards": "judge_model"}, judge_model="tiny")
+    cfg.iterations = 1
+    cfg.prompts.policy = (6,)
+    em.share_base_phases(str(sppo_ser_run.rd.path), cfg, str(tmp_path))
+    run = MutualTaught(cfg, str(tmp_path))
+    assert run.models.judge is not None and run.models.judge.tokenizer is not None
+    assert_trees_equal(run.models.judge.policy_params, run.models.policy_params)
+    run.run()
+    for name in ("samples", "judgments"):
+        assert run.rd.read_jsonl(f"iter_1/e_step/{name}.jsonl") == \
+            meta_rewarding_run.rd.read_jsonl(f"iter_1/e_step/{name}.jsonl")
+    assert run.rd.summary("iter_1/e_step")["judgments_unparsed"] == 2 * 6 * run.sampling.num_samples
+    with pytest.raises(ValueError, match="judge_model='tiny' goes with policy_rewards='judge_model'"):
+        settings.validate_config(tiny_config(judge_model="tiny"))
 
 
 @pytest.mark.parametrize(("meta", "context", "who"), [(False, 400, "judge"), (True, 700, "meta-judge")])
