@@ -168,6 +168,9 @@ def plan(cfg, mesh: Mesh, remat: bool | None = None, platform: str = "gpu") -> d
         scores = max(scores, sampling_rows * rm.num_heads / min(mesh.tensor, rm.num_heads) * length * length * 4)
     # The driver keeps π_{t-1}, r_{t-1} and r0 on device through an iteration (π_t joins after the E-step).
     resident = {"π_{t-1} params": n_pol * stored / shards, "r_{t-1} and r0 params": 2 * n_rm * stored / shards}
+    if cfg.mt.get("policy_rewards") == "judge_model":  # a fixed LLM judge of its own (`mt.judge_model`)
+        judge = _model_shape(cfg.policy, shape_of(cfg.mt.judge_model))
+        resident["judge params (mt.judge_model)"] = num_params(judge, "causal_lm") * stored / shards
     sampling = {"KV cache": kv, "attention scores (one layer, einsum)": scores}
 
     def train_state(shape: ModelConfig, section, head: str) -> dict[str, float]:

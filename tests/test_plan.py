@@ -58,6 +58,16 @@ def test_sharding_divides_params_and_paper_preset_fits_8x80gb():
     assert "does NOT fit" in format_plan(one, 80)
 
 
+def test_a_judge_model_of_its_own_is_counted_on_every_phase():
+    cfg = mt.get_config("paper,self_rewarding")
+    cfg.mt.policy_rewards, cfg.mt.judge_model = "judge_model", "meta-llama/Meta-Llama-3-8B-Instruct"
+    with_judge, without = plan(cfg, Mesh(1, 8, 1)), plan(mt.get_config("paper,self_rewarding"), Mesh(1, 8, 1))
+    judge = "judge params (mt.judge_model)"
+    for phase, items in with_judge.items():  # an 8B judge in bf16 over 8 devices: its params, on every phase
+        assert items[judge] == with_judge[phase]["π_{t-1} params"]
+        assert items["total"] == pytest.approx(without[phase]["total"] + items[judge])
+
+
 # Shapes not used to calibrate `plan.WORKING_SET_LAYERS` (tests/ and the module docstring): odd widths, a
 # vocabulary large enough that the logits moment is the peak, and the other two step variants.
 STEP_CASES = {
