@@ -52,20 +52,20 @@ class RunInputs:
         if self.mt.judges:  # the judge reads the rubric around a prompt and a response, then writes its verdict
             from mtjax.judge import judge_prompt, meta_judge_prompt
 
-            policy = specs.get("judge", specs["policy"])  # the model that judges
-            rubric = len(data.chat_prompt_ids(policy.tokenizer, judge_prompt("", "")))
+            judge = specs.get("judge", specs["policy"])  # the model that judges: its own, or the policy
+            rubric = len(data.chat_prompt_ids(judge.tokenizer, judge_prompt("", "")))
             response = prompts.max_prompt_tokens + self.sampling.max_new_tokens
             judged = rubric + response + self.mt.judge_max_new_tokens
             what = f"the judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + sampling.max_new_tokens + " \
                    f"mt.judge_max_new_tokens = {judged}"
             if self.mt.meta_judge:  # the meta-judge reads two judgments besides, then writes its verdict
-                rubric = len(data.chat_prompt_ids(policy.tokenizer, meta_judge_prompt("", "", "", "")))
+                rubric = len(data.chat_prompt_ids(judge.tokenizer, meta_judge_prompt("", "", "", "")))
                 judged = rubric + response + 3 * self.mt.judge_max_new_tokens
                 what = f"the meta-judge's rubric ({rubric} tokens) + prompts.max_prompt_tokens + " \
                        f"sampling.max_new_tokens + 3 x mt.judge_max_new_tokens = {judged}"
-            if judged > policy.config.max_position_embeddings:
+            if judged > judge.config.max_position_embeddings:
                 problems.append(f"{what} exceeds the {'judge' if 'judge' in specs else 'policy'}'s context "
-                                f"({policy.config.max_position_embeddings} tokens, {policy.source.source})")
+                                f"({judge.config.max_position_embeddings} tokens, {judge.source.source})")
         if problems:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -48,18 +48,14 @@ def describe_models(cfg: ConfigDict) -> dict[str, Any]:
 def describe_judge(cfg: ConfigDict) -> Any:
     """The spec of `mt.judge_model`: run with the policy section's execution settings (dtype, attention,
     remat, layer scan); a random source (`tiny`) takes the policy's architecture settings too."""
-    from mtjax.models.config import ModelConfig
+    from mtjax.models.config import EXECUTION_FIELDS, ModelConfig
     from mtjax.sources import RANDOM_SOURCES, ModelSource, describe
 
     source = ModelSource(source=cfg.mt.judge_model)
     overrides = settings.set_values(ModelConfig, cfg.policy)
     if source.source not in RANDOM_SOURCES:
-        overrides = {k: v for k, v in overrides.items() if k in EXECUTION_SETTINGS}
+        overrides = {k: v for k, v in overrides.items() if k in EXECUTION_FIELDS}
     return describe(source, overrides, "mt.judge_model")
-
-
-# The ModelConfig settings that say how a model runs, not what it is.
-EXECUTION_SETTINGS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_layers")
 
 
 def load_models(specs: Mapping[str, Any], run_seed: int, mesh=None) -> Models:

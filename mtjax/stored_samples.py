@@ -184,7 +184,8 @@ class StoredSamples:
         `judged_rewards`) disagree most is examined by the meta-judge (the policy with `judge_params`), every
         two of its judgments compared in both positions; the judgment the verdicts rank highest is chosen over
         the lowest, as a pair whose prompt is the judge's rubric prompt. The verdicts are kept in
-        `PHASE/meta_judgments.jsonl` (read back on a rerun). Returns the pairs and the counts."""
+        `PHASE/meta_judgments.jsonl` (read back on a rerun). Returns the pairs (their counts say what was skipped
+        and why) and the meta-judge's counts."""
         from collections import Counter
 
         from mtjax import judge
@@ -219,7 +220,7 @@ class StoredSamples:
         judgments = {(r["prompt_id"], r["sample"]): r["judgments"] for group in judged for r in group}
         winners = [[judge.parse_winner(v) for v in row["verdicts"]] for row in rows]
         weights = judge.position_weights([w for ws in winners for w in ws])
-        pairs, counts = PairSet([], [], [], Counter()), Counter()
+        pairs, counts, eos = PairSet([], [], [], Counter()), Counter(), self.models.stop_ids[0]
         counts["prompts_without_disputed_judgments"] = len(judged) - len(rows)
         for row, ws in zip(rows, winners, strict=True):
             key = (row["prompt_id"], row["sample"])
@@ -230,16 +231,13 @@ class StoredSamples:
                 counts[f"skipped_{choice}"] += 1
                 continue
             rubric = judge.judge_prompt(prompts[row["prompt_id"]], responses[key])
-            eos = self.models.stop_ids[0]
             pairs.append(data.chat_prompt_ids(self.models.tokenizer, rubric),
                          data.response_ids(self.models.tokenizer, texts[choice.chosen], eos),
                          data.response_ids(self.models.tokenizer, texts[choice.rejected], eos))
-        pairs.counts.update({f"meta_{k}": v for k, v in counts.items()})
-        verdict_count = sum(len(ws) for ws in winners)
-        return pairs, {"meta_judgments": verdict_count,
+        pairs.counts.update({f"meta_{k}": v for k, v in counts.items()})  # reach the summary with the pairs
+        return pairs, {"meta_judgments": sum(len(ws) for ws in winners),
                        "meta_judgments_unparsed": sum(w is None for ws in winners for w in ws),
-                       "meta_position_a_weight": weights[0], "judge_pairs": len(pairs),
-                       **pairs.counts}
+                       "meta_position_a_weight": weights[0], "judge_pairs": len(pairs)}
 
     def _judge_texts(self, phase: str, judge_params: Any, queries: Sequence[str], seed_purpose: str) -> list[str]:
         """The judge's answers to `queries` (rubric or meta-rubric prompts in the policy's chat template), one

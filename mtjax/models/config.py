@@ -17,6 +17,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 # `jax.nn.dot_product_attention` with that implementation (see `mtjax.models.attention`).
 SUPPORTED_ATTENTION_IMPLS = ("auto", "einsum", "xla", "cudnn")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# The fields below "Numerics and execution": how a model runs, not what it is (a checkpoint never sets them).
+EXECUTION_FIELDS = ("dtype", "param_dtype", "remat", "attention_impl", "scan_layers")
 
 
 @dataclasses.dataclass(frozen=True)
