@@ -287,10 +287,15 @@ def test_the_reference_logprob_cache_refuses_other_values(tmp_path, capsys):
 # ----------------------------------------------------------------------------- the command line
 
 
+# Phases long enough that the first run is still inside one when the second run has started and been refused
+# (a tiny run can otherwise finish in the seconds a loaded machine takes to start the second interpreter).
+_LONG_PHASES = tuple(f"--config.{name}.epochs=100000" for name in ("base_rm", "dpo", "rm"))
+
+
 def _cli(workdir: Path, logs: Path, name: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "mtjax.run", "--config=configs/mt.py:tiny", f"--workdir={workdir}",
-         f"--compilation_cache={logs / 'xla_cache'}"],
+         f"--compilation_cache={logs / 'xla_cache'}", *_LONG_PHASES],
         cwd=REPO, stdout=open(logs / f"{name}.out", "w"), stderr=open(logs / f"{name}.err", "w"),
         env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)})
 
