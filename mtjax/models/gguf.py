@@ -6,6 +6,8 @@ checkpoint (`mtjax.models.hf`), so there is one weight-conversion path.
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -60,12 +62,25 @@ def _field(reader, key: str, default: Any = None) -> Any:
 
 
 def _open(path: Path):
-    import gguf
-
+    """The file's parsed header and memory-mapped tensors, parsed once per process and file version: parsing
+    SmolLM2's 49k-token vocabulary and merges takes 5-10 s, and a run reads the file for each model's config,
+    tokenizer and weights."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: GGUF file not found")
+    return _read(*_version(path))
+
+
+def _version(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=4)
+def _read(path: str, mtime_ns: int, size: int):
+    import gguf
+
     try:
-        return gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(path)
     except Exception as e:
         raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
 
@@ -131,14 +146,12 @@ def _hf_tensors(reader, hf_config: dict, path: Path) -> Iterator[tuple[str, np.n
 
 
 def load_gguf(path: str | os.PathLike, dtype: Any = jnp.float32, param_dtype: Any = None, head: str = "causal_lm",
-              seed: int = 0, reader: Any = None, **config_overrides: Any) -> tuple[Model, dict]:
-    """Loads a Llama-architecture GGUF file (any quantisation `gguf` can dequantise) as `(model, params)`.
-
-    `reader`: an already opened `gguf.GGUFReader` of `path` (parsing the header takes seconds)."""
+              seed: int = 0, **config_overrides: Any) -> tuple[Model, dict]:
+    """Loads a Llama-architecture GGUF file (any quantisation `gguf` can dequantise) as `(model, params)`."""
     if head not in HEADS:
         raise ValueError(f"head={head!r}; expected one of {HEADS}")
     path = Path(path)
-    reader = reader or _open(path)
+    reader = _open(path)
     hf_config = gguf_hf_config(reader, path)
     cfg = config_from_hf(hf_config, dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype or dtype),
                          **config_overrides)
@@ -182,9 +195,17 @@ _GGUF_CONTROL_TOKEN = 3
 
 
 def load_gguf_tokenizer(path: str | os.PathLike):
-    """The tokenizer (with chat template) stored in a GGUF file."""
+    """The tokenizer (with chat template) stored in a GGUF file: a copy of the one built once per process and
+    file version, so that a caller may change its copy (padding side, added tokens) without affecting others."""
     path = Path(path)
-    return tokenizer_from_gguf(_open(path), path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    return copy.deepcopy(_tokenizer(*_version(path)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, mtime_ns: int, size: int):
+    return tokenizer_from_gguf(_read(path, mtime_ns, size), Path(path))
 
 
 def load_smollm2(dtype: Any = jnp.float32, head: str = "causal_lm", seed: int = 0, **config_overrides: Any):
@@ -193,9 +214,8 @@ def load_smollm2(dtype: Any = jnp.float32, head: str = "causal_lm", seed: int = 
     With `head='reward'` the backbone gets a fresh score head (seeded by `seed`): the starting point
     of our offline reward models."""
     path = smollm2_gguf_path()
-    reader = _open(path)
-    model, params = load_gguf(path, dtype=dtype, head=head, seed=seed, reader=reader, **config_overrides)
-    tokenizer = tokenizer_from_gguf(reader, path)
+    model, params = load_gguf(path, dtype=dtype, head=head, seed=seed, **config_overrides)
+    tokenizer = load_gguf_tokenizer(path)
     if model.cfg.eos_token_ids and tokenizer.eos_token_id not in model.cfg.eos_token_ids:
         raise ValueError(f"{path}: tokenizer eos id {tokenizer.eos_token_id} disagrees with the model config "
                          f"{model.cfg.eos_token_ids}")
