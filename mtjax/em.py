@@ -70,7 +70,7 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
     def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False, read_only: bool = False):
         """`read_only`: open a run directory to read its models (`params_at`), writing nothing into it."""
         from mtjax.sampling import SamplingConfig
-        from mtjax.sharding import make_mesh
+        from mtjax.sharding import make_mesh, micro_batch_problems
         from mtjax.tasks import make_task
 
         settings.validate_config(cfg)
@@ -83,6 +83,11 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
         self.specs = describe_models(cfg)
         self._check_contexts(self.specs)
         self._check_reward_model_from_policy(self.specs)
+        self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
+        trained = [name for name in settings.used_sections(cfg) if name in settings.TRAINING_SECTIONS]
+        misfits = micro_batch_problems({n: (cfg[n].batch_size, cfg[n].num_micro_batches) for n in trained}, self.mesh)
+        if misfits and not read_only:
+            raise ValueError("; ".join(misfits))
         if read_only:
             self.rd = RunDir.open_read_only(workdir)
         else:
@@ -95,7 +100,6 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
             self._reconcile_run_directory()
             self.tracker = tracking.MetricsWriter(self.rd, settings.build(tracking.TrackingConfig, cfg.logging),
                                                   run_config=cfg.to_dict())
-        self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
         self.models = load_models(self.specs, cfg.seed, self.mesh)
         self.splits = {} if read_only else self._prompt_splits(built)
         self._prompt_ids: dict[str, list[list[int]]] = {}

@@ -402,6 +402,10 @@ def unknown_keys(name: str, values: ConfigDict | Mapping[str, Any], classes: Ite
 # ----------------------------------------------------------------------------- validation
 
 
+# The sections that train a model (their batch sizes are checked against the mesh at start-up).
+TRAINING_SECTIONS = ("sft", "base_rm", "dpo", "rm")
+
+
 def used_sections(cfg: ConfigDict) -> list[str]:
     """The sections a run reads: `sft` and `base_rm` only when enabled, `rm` only when the loop retrains the RM."""
     names = ["policy", "reward_model", "task", "prompts", "sampling", "dpo", "mt", "eval", "mesh", "checkpoint",

@@ -152,6 +152,18 @@ def batch_divisor(mesh: Mesh | None) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def micro_batch_problems(batches: Mapping[str, tuple[int, int]], mesh: Mesh) -> list[str]:
+    """`{section: (batch_size, num_micro_batches)}` checked against `mesh` before a run starts: the train steps
+    split each micro-batch's rows over the data*fsdp devices, so a micro-batch must be a whole multiple of them
+    (a misfit found at the first step would come after the phases before it had run)."""
+    divisor = batch_divisor(mesh)
+    devices = f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} of {mesh.size} devices"
+    return [f"{name}.batch_size={size} in {name}.num_micro_batches={micro}: each micro-batch must be a whole "
+            f"multiple of the data*fsdp mesh size {divisor} ({devices}); use a multiple of {divisor * micro} or "
+            "set --config.mesh.data / --config.mesh.fsdp"
+            for name, (size, micro) in batches.items() if size % micro or (size // micro) % divisor]
+
+
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Places a dict of `[B, ...]` arrays on `mesh`, batch over ("data", "fsdp").
 

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 # first: README's test command hands whole files to two workers in collection order (--dist loadfile
 # --no-loadscope-reorder), so a long file started last would leave one worker idle while the other ends it.
 SLOWEST_FIRST = ("test_multiprocess.py", "test_em_run.py", "test_replicate.py", "test_reliability.py",
-                 "test_paper_path.py", "test_synthetic_driver.py")
+                 "test_default_preset.py", "test_paper_path.py", "test_synthetic_driver.py")
 
 
 def pytest_collection_modifyitems(items):

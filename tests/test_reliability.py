@@ -284,6 +284,23 @@ def test_the_reference_logprob_cache_refuses_other_values(tmp_path, capsys):
     assert capsys.readouterr().out.count("does not match its checksum (damaged or replaced); recomputing") == 2
 
 
+def test_batch_sizes_that_do_not_split_over_the_mesh_are_refused_before_anything_is_written(tmp_path):
+    cfg = tiny_config()
+    cfg.mesh.data = 8  # the 8 simulated devices
+    cfg.dpo.batch_size, cfg.base_rm.batch_size = 4, 8
+    cfg.rm.update(batch_size=16, num_micro_batches=4)
+    with pytest.raises(ValueError) as err:
+        MutualTaught(cfg, str(tmp_path / "run"))
+    message = str(err.value)
+    assert "dpo.batch_size=4 in dpo.num_micro_batches=1: each micro-batch must be a whole multiple of the " \
+           "data*fsdp mesh size 8 (data=8 x fsdp=1 of 8 devices); use a multiple of 8" in message
+    assert "rm.batch_size=16 in rm.num_micro_batches=4" in message and "use a multiple of 32" in message
+    assert "base_rm." not in message and not (tmp_path / "run").exists()
+    cfg.mt.rm_update = "frozen"  # a section the run does not use is not checked
+    cfg.dpo.batch_size = 8
+    MutualTaught(cfg, str(tmp_path / "run"))
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
