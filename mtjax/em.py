@@ -84,10 +84,12 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
         self._check_contexts(self.specs)
         self._check_reward_model_from_policy(self.specs)
         self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
-        trained = [name for name in settings.used_sections(cfg) if name in settings.TRAINING_SECTIONS]
-        misfits = micro_batch_problems({n: (cfg[n].batch_size, cfg[n].num_micro_batches) for n in trained}, self.mesh)
-        if misfits and not read_only:
-            raise ValueError("; ".join(misfits))
+        if not read_only:  # a finished run is read on any number of devices
+            trained = [name for name in settings.used_sections(cfg) if name in settings.TRAINING_SECTIONS]
+            misfits = micro_batch_problems({n: (cfg[n].batch_size, cfg[n].num_micro_batches) for n in trained},
+                                           self.mesh)
+            if misfits:
+                raise ValueError("; ".join(misfits))
         if read_only:
             self.rd = RunDir.open_read_only(workdir)
         else:

@@ -152,6 +152,12 @@ def batch_divisor(mesh: Mesh | None) -> int:
     return _axis_size(mesh, BATCH_AXES)
 
 
+def micro_batches_split(size: int, num_micro_batches: int, mesh: Mesh | None) -> bool:
+    """Whether `size` rows split into `num_micro_batches` micro-batches that each divide evenly over the
+    data*fsdp devices (the train steps shard a micro-batch's rows over them)."""
+    return size % num_micro_batches == 0 and (size // num_micro_batches) % batch_divisor(mesh) == 0
+
+
 def micro_batch_problems(batches: Mapping[str, tuple[int, int]], mesh: Mesh) -> list[str]:
     """`{section: (batch_size, num_micro_batches)}` checked against `mesh` before a run starts: the train steps
     split each micro-batch's rows over the data*fsdp devices, so a micro-batch must be a whole multiple of them
@@ -161,7 +167,7 @@ def micro_batch_problems(batches: Mapping[str, tuple[int, int]], mesh: Mesh) -> 
     return [f"{name}.batch_size={size} in {name}.num_micro_batches={micro}: each micro-batch must be a whole "
             f"multiple of the data*fsdp mesh size {divisor} ({devices}); use a multiple of {divisor * micro} or "
             "set --config.mesh.data / --config.mesh.fsdp"
-            for name, (size, micro) in batches.items() if size % micro or (size // micro) % divisor]
+            for name, (size, micro) in batches.items() if not micro_batches_split(size, micro, mesh)]
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

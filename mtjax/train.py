@@ -48,6 +48,7 @@ from mtjax.sharding import (
     PartitionRules,
     batch_divisor,
     batch_sharding,
+    micro_batches_split,
     path_to_str,
     replicated,
     shard_global_batch,
@@ -246,7 +247,7 @@ def _split_micro_batches(batch: Batch, num_micro_batches: int, mesh: Mesh) -> di
 def _check_micro_batch_size(batch: Batch, num_micro_batches: int, mesh: Mesh, rows: str = "chosen_input_ids",
                             unit: str = "pairs") -> None:
     num_rows = batch[rows].shape[0]
-    if num_rows % num_micro_batches or (num_rows // num_micro_batches) % batch_divisor(mesh):
+    if not micro_batches_split(num_rows, num_micro_batches, mesh):
         raise ValueError(
             f"{num_rows} {unit} in {num_micro_batches} micro-batches: each micro-batch must be a whole multiple "
             f"of the data*fsdp mesh size {batch_divisor(mesh)}"

@@ -65,12 +65,13 @@ def _open(path: Path):
     """The file's parsed header and memory-mapped tensors, parsed once per process and file version: parsing
     SmolLM2's 49k-token vocabulary and merges takes 5-10 s, and a run reads the file for each model's config,
     tokenizer and weights."""
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: GGUF file not found")
     return _read(*_version(path))
 
 
 def _version(path: Path) -> tuple[str, int, int]:
+    """The cache key of a GGUF file: its resolved path, modification time and size."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: GGUF file not found")
     stat = path.stat()
     return str(path.resolve()), stat.st_mtime_ns, stat.st_size
 
@@ -197,10 +198,7 @@ _GGUF_CONTROL_TOKEN = 3
 def load_gguf_tokenizer(path: str | os.PathLike):
     """The tokenizer (with chat template) stored in a GGUF file: a copy of the one built once per process and
     file version, so that a caller may change its copy (padding side, added tokens) without affecting others."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: GGUF file not found")
-    return copy.deepcopy(_tokenizer(*_version(path)))
+    return copy.deepcopy(_tokenizer(*_version(Path(path))))
 
 
 @functools.lru_cache(maxsize=4)
