@@ -60,6 +60,17 @@ __all__ = ["SHARED_PHASES", "Models", "MutualTaught", "PairSet", "Sample", "cont
 validate_config = settings.validate_config  # the entry point's name for it
 
 
+def check_batches_fit_mesh(cfg: ConfigDict, mesh) -> None:
+    """Raises ValueError naming every training section the run uses whose batch does not split into its
+    micro-batches over `mesh` (`sharding.micro_batch_problems`)."""
+    from mtjax.sharding import micro_batch_problems
+
+    trained = [name for name in settings.used_sections(cfg) if name in settings.TRAINING_SECTIONS]
+    misfits = micro_batch_problems({n: (cfg[n].batch_size, cfg[n].num_micro_batches) for n in trained}, mesh)
+    if misfits:
+        raise ValueError("; ".join(misfits))
+
+
 class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
     """One run: holds the models, prompts and run directory; `run()` executes the remaining phases.
 
@@ -70,7 +81,7 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
     def __init__(self, cfg: ConfigDict, workdir: str, allow_config_change: bool = False, read_only: bool = False):
         """`read_only`: open a run directory to read its models (`params_at`), writing nothing into it."""
         from mtjax.sampling import SamplingConfig
-        from mtjax.sharding import make_mesh, micro_batch_problems
+        from mtjax.sharding import make_mesh
         from mtjax.tasks import make_task
 
         settings.validate_config(cfg)
@@ -85,11 +96,7 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
         self._check_reward_model_from_policy(self.specs)
         self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
         if not read_only:  # a finished run is read on any number of devices
-            trained = [name for name in settings.used_sections(cfg) if name in settings.TRAINING_SECTIONS]
-            misfits = micro_batch_problems({n: (cfg[n].batch_size, cfg[n].num_micro_batches) for n in trained},
-                                           self.mesh)
-            if misfits:
-                raise ValueError("; ".join(misfits))
+            check_batches_fit_mesh(cfg, self.mesh)
         if read_only:
             self.rd = RunDir.open_read_only(workdir)
         else:

@@ -159,15 +159,25 @@ def micro_batches_split(size: int, num_micro_batches: int, mesh: Mesh | None) ->
 
 
 def micro_batch_problems(batches: Mapping[str, tuple[int, int]], mesh: Mesh) -> list[str]:
-    """`{section: (batch_size, num_micro_batches)}` checked against `mesh` before a run starts: the train steps
-    split each micro-batch's rows over the data*fsdp devices, so a micro-batch must be a whole multiple of them
-    (a misfit found at the first step would come after the phases before it had run)."""
+    """`{section: (batch_size, num_micro_batches)}` checked against `mesh` before a run starts: a batch must split
+    into its micro-batches, and the train steps split each micro-batch's rows over the data*fsdp devices, so a
+    micro-batch must be a whole multiple of them (a misfit found at the first step would come after the phases
+    before it had run)."""
     divisor = batch_divisor(mesh)
     devices = f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']} of {mesh.size} devices"
-    return [f"{name}.batch_size={size} in {name}.num_micro_batches={micro}: each micro-batch must be a whole "
-            f"multiple of the data*fsdp mesh size {divisor} ({devices}); use a multiple of {divisor * micro} or "
-            "set --config.mesh.data / --config.mesh.fsdp"
-            for name, (size, micro) in batches.items() if not micro_batches_split(size, micro, mesh)]
+    problems = []
+    for name, (size, micro) in batches.items():
+        if micro_batches_split(size, micro, mesh):
+            continue
+        where = f"{name}.batch_size={size} in {name}.num_micro_batches={micro}"
+        if size % micro:
+            problems.append(f"{where}: the batch does not split into {micro} equal micro-batches; use a multiple "
+                            f"of {divisor * micro} or fewer micro-batches")
+        else:
+            problems.append(f"{where}: each micro-batch must be a whole multiple of the data*fsdp mesh size "
+                            f"{divisor} ({devices}); use a multiple of {divisor * micro} or set "
+                            "--config.mesh.data / --config.mesh.fsdp")
+    return problems
 
 
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:

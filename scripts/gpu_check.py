@@ -452,7 +452,7 @@ def e2e_config(ctx: Context, model_dir: Path):
     if ctx.args.smoke:
         cfg.iterations, cfg.base_rm.enabled, cfg.sampling.batch_size = 1, False, 8
         for section in (cfg.dpo, cfg.rm, cfg.base_rm):
-            section.update(batch_size=2, max_length=256)
+            section.update(batch_size=2, max_length=256, num_micro_batches=1)
         cfg.prompts.max_prompt_tokens = 192
     cfg.prompts.update(policy=(n,) * cfg.iterations, reward_model=n, base_rm_labels=n, heldout_eval=max(2, n // 2))
     cfg.sampling.max_new_tokens = ctx.sizes.e2e_new_tokens

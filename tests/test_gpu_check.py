@@ -75,11 +75,22 @@ def test_a_failing_or_overlong_section_is_recorded_and_the_rest_run():
     assert ctx.results["fine"]["x"] == 1 and len(writes) == 3
 
 
-def test_e2e_config_is_the_gpu_preset_cut_down(tmp_path):
-    from mtjax.em import validate_config
+@pytest.mark.parametrize("smoke", [False, True], ids=["gpu", "smoke"])
+def test_e2e_config_is_the_gpu_preset_cut_down_and_passes_start_up_checks(tmp_path, smoke):
+    """The e2e section's run config, at the GPU's sizes and the smoke run's, passes every start-up check that
+    needs no model files: the settings and the batches over the device's mesh (the GPU machine has one device)."""
+    import dataclasses
 
-    args = argparse.Namespace(smoke=False)
-    cfg = gpu_check.e2e_config(gpu_check.Context(args, gpu_check.GPU, results={}), tmp_path)
+    import jax
+
+    from mtjax import settings
+    from mtjax.em import check_batches_fit_mesh, validate_config
+    from mtjax.sharding import make_mesh
+
+    sizes = gpu_check.SMOKE if smoke else gpu_check.GPU
+    cfg = gpu_check.e2e_config(gpu_check.Context(argparse.Namespace(smoke=smoke), sizes, results={}), tmp_path)
     validate_config(cfg)
+    mesh = settings.build(settings.MeshConfig, cfg.mesh)
+    check_batches_fit_mesh(cfg, make_mesh(**dataclasses.asdict(mesh), devices=jax.devices()[:1]))
     assert cfg.preset == "gpu" and cfg.policy.source == str(tmp_path) and cfg.policy.scan_layers
-    assert cfg.prompts.policy == (gpu_check.GPU.e2e_prompts,) * cfg.iterations
+    assert cfg.prompts.policy == (sizes.e2e_prompts,) * cfg.iterations

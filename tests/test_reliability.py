@@ -301,6 +301,17 @@ def test_batch_sizes_that_do_not_split_over_the_mesh_are_refused_before_anything
     MutualTaught(cfg, str(tmp_path / "run"))
 
 
+def test_a_batch_that_does_not_split_into_its_micro_batches_is_named_as_such():
+    from mtjax.em import check_batches_fit_mesh
+    from mtjax.sharding import make_mesh
+
+    cfg = tiny_config()
+    cfg.dpo.update(batch_size=6, num_micro_batches=4)
+    with pytest.raises(ValueError, match=r"^dpo.batch_size=6 in dpo.num_micro_batches=4: the batch does not split "
+                                         r"into 4 equal micro-batches; use a multiple of 4 or fewer micro-batches$"):
+        check_batches_fit_mesh(cfg, make_mesh(data=1))
+
+
 # ----------------------------------------------------------------------------- the command line
 
 
