@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtjax import plan as plan_module
 from mtjax import sharding, train
 from mtjax.models import ModelConfig, init_cache, make_model
 from mtjax.plan import Mesh, format_plan, num_params, plan, shape_of, train_step_bytes
@@ -77,6 +78,7 @@ STEP_CASES = {
     "rm_scan": ("reward", dict(vocab_size=640, scan_layers=True), 3, 192),
 }
 STEP_TOLERANCE = 0.15  # the goal for the GPU peak; on XLA:CPU every case here is within 9 %
+# (jax 0.10.2 and 0.11.2)
 
 
 @pytest.mark.parametrize("case", sorted(STEP_CASES))
@@ -121,5 +123,7 @@ def test_planner_reads_attention_and_remat_from_the_config():
     shape = shape_of("smollm2").replace(dtype="bfloat16", scan_layers=True)
     no_remat = train_step_bytes(shape, "causal_lm", 8, 1024)[act]
     assert train_step_bytes(shape.replace(remat=True), "causal_lm", 8, 1024)[act] < no_remat / 2
-    # remat of unrolled layers is not counted (XLA may hoist the recomputation; see the plan docstring)
-    assert train_step_bytes(shape.replace(remat=True, scan_layers=False), "causal_lm", 8, 1024)[act] == no_remat
+    # remat of unrolled layers counts where the installed XLA keeps it (jax >= 0.11; see the plan docstring)
+    unrolled = train_step_bytes(shape.replace(remat=True, scan_layers=False), "causal_lm", 8, 1024)[act]
+    assert unrolled == (train_step_bytes(shape.replace(remat=True), "causal_lm", 8, 1024)[act]
+                        if plan_module.unrolled_remat_kept() else no_remat)
