@@ -23,18 +23,22 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+def _session_root(tmp_path_factory) -> Path:
+    """The test session's temporary folder, shared by both xdist workers (each worker's base temp is a
+    folder inside it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
 @pytest.fixture(scope="session", autouse=True)
 def xla_cache(tmp_path_factory) -> Path:
     """jax's persistent compilation cache, one folder for the whole test session: both xdist workers and the
     runs that tests launch (`--compilation_cache=`) share it, so the many runs of the same preset compile each
     train step and sampler once instead of once per run. It lies under pytest's base temp: every session
     starts cold (nothing from an earlier session or from ~/.cache is reused)."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # each worker's base temp is a folder of the session's
     from mtjax.run import enable_compilation_cache
 
-    folder = root / "xla_cache"
+    folder = _session_root(tmp_path_factory) / "xla_cache"
     enable_compilation_cache(str(folder))
     return folder
 
@@ -69,8 +73,27 @@ def tiny_config(**mt_overrides):
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
-    """One uninterrupted run of `tiny_config()`: (MutualTaught, results), shared by the driver tests."""
-    from mtjax.em import MutualTaught
+    """One uninterrupted run of `tiny_config()`: (MutualTaught, results), shared by the driver tests.
 
-    run = MutualTaught(tiny_config(), str(tmp_path_factory.mktemp("tiny_reference")))
-    return run, run.run()
+    It runs once per test session, not once per xdist worker (four files on either worker use it, and it
+    takes minutes on CI's machine): the first worker to need it runs it while holding a lock; a worker
+    that needs it afterwards resumes a copy of the finished run, which runs no phase and reads the same
+    results (resuming a run is exact: tests/test_em_run.py)."""
+    import fcntl
+    import shutil
+
+    from mtjax.em import MutualTaught
+    from mtjax.layout import SUMMARY_FILE
+
+    root = _session_root(tmp_path_factory)
+    finished = root / "tiny_reference"
+    with open(root / "tiny_reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, or when its process dies
+        if (finished / SUMMARY_FILE).exists():
+            workdir = tmp_path_factory.mktemp("tiny_reference_copy")
+            shutil.copytree(finished, workdir, dirs_exist_ok=True)
+        else:
+            shutil.rmtree(finished, ignore_errors=True)  # left by a worker that died while running it
+            workdir = finished
+        run = MutualTaught(tiny_config(), str(workdir))
+        return run, run.run()
