@@ -95,11 +95,10 @@ class MutualTaught(RunInputs, StoredSamples, PhaseBodies, Evaluation):
         self._check_contexts(self.specs)
         self._check_reward_model_from_policy(self.specs)
         self.mesh = make_mesh(**dataclasses.asdict(settings.build(settings.MeshConfig, cfg.mesh)))
-        if not read_only:  # a finished run is read on any number of devices
-            check_batches_fit_mesh(cfg, self.mesh)
-        if read_only:
+        if read_only:  # a finished run is read on any number of devices: no batch check
             self.rd = RunDir.open_read_only(workdir)
         else:
+            check_batches_fit_mesh(cfg, self.mesh)
             if is_primary():
                 for spec in self.specs.values():
                     print(f"mtjax: {spec.setting} {spec.source.source}: stop ids {spec.stop_origins}", flush=True)
